@@ -1,0 +1,156 @@
+"""Run configs: common defaults, a YAML preset per method, command-line overrides, validation.
+
+Resolution order: ``COMMON`` below, then the method's own ``DEFAULTS`` (under the method's name),
+then ``bench/presets/<method>.yaml``, then ``--set key=value`` overrides (dotted keys, YAML values).
+Only keys that already exist can be set, and a value must have the type of its default, so a typo
+is an error naming the key and what is accepted, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import yaml
+
+from bench.errors import BenchError
+
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+COMMON: dict = {
+    "method": None,
+    "model": "models/tiny-t2i",      # diffusers folder or cached Hugging Face repo id
+    "judge": "models/tiny-judge",    # prompt-fidelity judge (tiny world); null for full-scale models
+    "reward": "saturation",
+    "train_prompts": "tiny-train",
+    "eval_prompts": "tiny-eval",
+    "seed": 0,
+    "steps": 30,
+    "device": "auto",                # auto | cpu | cuda
+    "mixed_precision": "no",         # no | fp16 | bf16 (frozen weights in that dtype; LoRA stays fp32)
+    "threads": 0,                    # torch CPU threads; 0 = torch's default
+    "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
+    "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
+    "eval": {"every": 10, "num_seeds": 4, "num_steps": 10, "guidance": 3.0, "grid_every": 10},
+    "checkpoint_every": 5,
+    "tag": "",
+}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16")}
+
+
+class Config(dict):
+    """A nested dict with attribute access for reading (``cfg.sampler.num_steps``)."""
+
+    def __getattr__(self, key):
+        try:
+            value = self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return Config(value) if isinstance(value, dict) else value
+
+
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        key = f"{where}{k}"
+        if k not in out:
+            raise BenchError(f"unknown config key {key!r}; accepted: {', '.join(sorted(f'{where}{x}' for x in out))}")
+        if isinstance(out[k], dict):
+            if not isinstance(v, dict):
+                raise BenchError(f"config key {key!r} must be a mapping with keys {', '.join(sorted(out[k]))}")
+            out[k] = _merge(out[k], v, key + ".")
+        else:
+            out[k] = _check_type(key, out[k], v)
+    return out
+
+
+def _check_type(key: str, default, value):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = True
+    if not ok:
+        raise BenchError(f"config key {key!r} takes a {type(default).__name__} (default {default!r}), "
+                         f"got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> dict:
+    """'alignprop.lr=1e-3' -> {'alignprop': {'lr': 0.001}}"""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise BenchError(f"bad override {text!r}; accepted: KEY=VALUE with a dotted key, e.g. alignprop.lr=1e-3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise BenchError(f"bad override {text!r}: {raw!r} is not a YAML value") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads '1e-3' as a string
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve(method: str, overrides: list[str] | None = None, preset: str | None = None) -> Config:
+    from methods import get_method
+
+    module = get_method(method)
+    base = copy.deepcopy(COMMON)
+    base["method"] = method
+    base[module.NAME_KEY] = copy.deepcopy(module.DEFAULTS)
+    preset = preset or os.path.join(PRESETS, f"{method}.yaml")
+    if os.path.isfile(preset):
+        with open(preset) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise BenchError(f"preset {preset!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        data.pop("method", None)
+        base = _merge(base, data)
+    elif preset != os.path.join(PRESETS, f"{method}.yaml"):
+        raise BenchError(f"preset file {preset!r} does not exist; accepted: a YAML file of config keys")
+    for text in overrides or []:
+        base = _merge(base, parse_override(text))
+    validate(base, module)
+    return Config(base)
+
+
+def validate(cfg: dict, module) -> None:
+    for key, accepted in CHOICES.items():
+        if cfg[key] not in accepted:
+            raise BenchError(f"config key {key!r} = {cfg[key]!r}; accepted: {', '.join(accepted)}")
+    for key in ("steps", "checkpoint_every"):
+        if cfg[key] < 1:
+            raise BenchError(f"config key {key!r} must be >= 1, got {cfg[key]}")
+    if cfg["sampler"]["num_steps"] < 1 or cfg["eval"]["num_steps"] < 1:
+        raise BenchError("sampler.num_steps and eval.num_steps must be >= 1")
+    if cfg["eval"]["every"] < 1 or cfg["eval"]["num_seeds"] < 2:
+        raise BenchError("eval.every must be >= 1 and eval.num_seeds >= 2 (a standard error needs two)")
+    if hasattr(module, "validate"):
+        module.validate(cfg)
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,83 @@
+"""Figures of one run: the reward curve and the sample grids (written atomically)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bench import store
+
+CELL = 96  # pixels per sample in grids (32x32 images upscaled 3x, nearest)
+
+
+def plot_run(df, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_fid = "fidelity" in df
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(9 if has_fid else 5, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    if "reward_mean" in df and df["reward_mean"].notna().any():
+        ax.plot(df["step"], df["reward_mean"], color="tab:blue", alpha=0.6, label="train reward (batch mean)")
+    ev = df[df["eval_reward_mean"].notna()] if "eval_reward_mean" in df else df.iloc[:0]
+    if len(ev):
+        ax.errorbar(ev["step"], ev["eval_reward_mean"], yerr=ev["eval_reward_sem"], color="tab:red", marker="o",
+                    capsize=3, label="eval reward (mean ± SE)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if has_fid:
+        ax = axes[0, 1]
+        fv = df[df["fidelity"].notna()]
+        for key, style in (("fidelity", "-o"), ("fidelity_colour", "--"), ("fidelity_shape", "--"),
+                           ("fidelity_count", "--")):
+            if key in fv:
+                ax.plot(fv["step"], fv[key], style, label=key.replace("fidelity_", "") if key != "fidelity" else "all")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("prompt fidelity (judge, held-out)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    store.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def grid_image(images, prompts: list[str], per_row: int, title: str = ""):
+    """Rows = prompts (their seeds along the row), a label column on the left."""
+    from PIL import Image, ImageDraw
+
+    arr = (images.float().clamp(0, 1).cpu().numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    rows = len(arr) // per_row
+    label_w, head = 170, 22 if title else 4
+    canvas = Image.new("RGB", (label_w + per_row * (CELL + 2), head + rows * (CELL + 2)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 4), title, fill=(0, 0, 0))
+    for i, im in enumerate(arr):
+        r, c = divmod(i, per_row)
+        tile = Image.fromarray(im).resize((CELL, CELL), Image.NEAREST)
+        canvas.paste(tile, (label_w + c * (CELL + 2), head + r * (CELL + 2)))
+        if c == 0:
+            draw.text((4, head + r * (CELL + 2) + CELL // 2 - 6), prompts[i][:28], fill=(0, 0, 0))
+    return canvas
+
+
+def save_grid(images, prompts: list[str], per_row: int, path: str, title: str = "") -> None:
+    img = grid_image(images, prompts, per_row, title)
+    store.atomic_write_with(path, lambda b: img.save(b, format="PNG"))
+
+
+def save_before_after(before: str, after: str, path: str) -> None:
+    """Two grids side by side (start | end), for the README and for eyes."""
+    from PIL import Image
+
+    if not (os.path.isfile(before) and os.path.isfile(after)):
+        return
+    a, b = Image.open(before), Image.open(after)
+    canvas = Image.new("RGB", (a.width + b.width + 12, max(a.height, b.height)), (255, 255, 255))
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width + 12, 0))
+    store.atomic_write_with(path, lambda buf: canvas.save(buf, format="PNG"))

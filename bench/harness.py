@@ -78,6 +78,15 @@ class Context:
         return float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
 
 
+def project_path(path: str | None) -> str | None:
+    """A relative path as given when it exists from here, else relative to the project root
+    (so the committed tiny world is found from any working directory)."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 def _device(cfg: Config) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("device 'cuda' was asked for but no CUDA GPU is visible; accepted: auto, cpu, cuda")
@@ -147,8 +156,8 @@ class Run:
             raise BenchError(f"mixed_precision {cfg.mixed_precision!r} needs a CUDA GPU; accepted on CPU: no")
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self.accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision)
-        self.pipe = load_pipeline(cfg.model, device=self.accelerator.device, dtype=dtype)
-        self.judge = load_judge(cfg.judge) if cfg.judge else None
+        self.pipe = load_pipeline(project_path(cfg.model), device=self.accelerator.device, dtype=dtype)
+        self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
         if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
             from bench import world
 

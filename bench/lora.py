@@ -14,14 +14,15 @@ def add_lora(unet, rank: int = 4, alpha: float = 4.0, targets=DEFAULT_TARGETS, i
              seed: int = 0) -> list[torch.nn.Parameter]:
     """Attach a LoRA adapter (the base weights stay frozen) and return its trainable parameters.
 
-    LoRA weights are kept in float32 whatever the base dtype (fp16/bf16 base weights on GPU)."""
+    LoRA weights are kept in float32 when the base weights are fp16/bf16 (mixed precision on GPU)."""
     from peft import LoraConfig
 
     torch.manual_seed(seed)  # peft draws the A matrices from torch's global RNG
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
-        p.data = p.data.float()
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
         p.requires_grad_(True)
     return params
 

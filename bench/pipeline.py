@@ -54,7 +54,8 @@ class Pipeline:
     def to(self, device=None, dtype=None) -> "Pipeline":
         for m in (self.unet, self.text_encoder, self.vae):
             if m is not None:
-                m.to(device=device, dtype=dtype)
+                same_dtype = dtype is None or next(m.parameters()).dtype == dtype
+                m.to(device=device) if same_dtype else m.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
@@ -69,7 +70,9 @@ class Pipeline:
         x = latents
         if self.vae is not None:
             x = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return (x / 2 + 0.5).clamp(0, 1)
 
 
 def resolve_path(path_or_id: str) -> str:

@@ -32,7 +32,7 @@ UNET_CONFIG = dict(
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                        set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
+                        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
 def build_tokenizer():

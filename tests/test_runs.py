@@ -1,0 +1,124 @@
+"""End to end through the CLI and the harness: artefacts, determinism, resume after a kill, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench import cli, harness
+from bench.config import resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ["wall_time", "peak_mem_mb"]
+
+
+@pytest.fixture()
+def small_run_args(small_pixel_pipeline_dir, tmp_path):
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    return [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "steps=4", "checkpoint_every=2",
+            "eval.every=2", "eval.grid_every=2", "eval.num_seeds=2", "eval.num_steps=2", "sampler.num_steps=2",
+            "alignprop.batch_size=2", "alignprop.truncation=per_step", "alignprop.lr=0.01", "threads=2"]
+
+
+def _metrics(run_dir):
+    return pd.read_parquet(os.path.join(run_dir, "metrics.parquet"))
+
+
+def test_run_writes_every_artefact_and_is_deterministic(small_run_args, tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a", "b", "c"))
+    _, summary = harness.start(resolve("alignprop", small_run_args), a)
+    harness.start(resolve("alignprop", small_run_args), b)
+    harness.start(resolve("alignprop", small_run_args + ["seed=1"]), c)
+    for name in ("config.yaml", "manifest.json", "metrics.parquet", "metrics.csv", "reward_curve.png",
+                 "checkpoint.pt", "summary.json", "lora/pytorch_lora_weights.safetensors",
+                 "lora/adapter_config.json", "grids/step_000000.png", "grids/step_000002.png",
+                 "grids/step_000004.png", "grids/start_vs_end.png"):
+        assert os.path.isfile(os.path.join(a, name)), name
+    assert not [f for f in os.listdir(a) if f.startswith((".tmp", ".old"))]
+    manifest = json.load(open(os.path.join(a, "manifest.json")))
+    assert manifest["status"] == "complete" and manifest["seed"] == 0 and manifest["device"] == "cpu"
+    assert manifest["versions"]["torch"].startswith("2.13") and "commit" in manifest["git"]
+    assert manifest["variant"] == "alignprop/per_step"
+    df = _metrics(a)
+    assert df["step"].tolist() == [0, 1, 2, 3, 4]
+    for col in ("reward_mean", "reward_std", "eval_reward_mean", "eval_reward_sem", "fidelity", "images",
+                "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"):
+        assert col in df, col
+    assert df["images"].tolist() == [0, 2, 4, 6, 8]
+    assert df["eval_reward_mean"].notna().tolist() == [True, False, True, False, True]
+    # same seed -> identical metrics; another seed -> different ones
+    pd.testing.assert_frame_equal(df.drop(columns=VOLATILE), _metrics(b).drop(columns=VOLATILE))
+    assert not df["reward_mean"].iloc[1:].equals(_metrics(c)["reward_mean"].iloc[1:])
+    # the LoRA reloads into a fresh pipeline and gives the run's final eval reward
+    assert summary["eval_reward_after"] == pytest.approx(df["eval_reward_mean"].iloc[-1])
+
+
+def test_killed_run_resumes_to_the_same_metrics(small_run_args, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    harness.start(resolve("alignprop", small_run_args), full)
+    env = dict(os.environ, **{harness.CRASH_ENV: "3"})
+    cmd = [sys.executable, "-m", "bench", "run", "--method", "alignprop", "--out", killed] + small_run_args
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert json.load(open(os.path.join(killed, "manifest.json")))["status"] == "running"
+    assert _metrics(killed)["step"].max() == 2  # last checkpoint; step 3 was lost with the kill
+    assert cli.main(["run", "--resume", killed]) == 0
+    pd.testing.assert_frame_equal(_metrics(full).drop(columns=VOLATILE), _metrics(killed).drop(columns=VOLATILE))
+    manifest = json.load(open(os.path.join(killed, "manifest.json")))
+    assert manifest["status"] == "complete" and manifest["resumes"][0]["from_step"] == 2
+
+
+def _error(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, small_pixel_pipeline_dir):
+    out = str(tmp_path / "run")
+    base = ["run", "--out", out, "--set", f"model={small_pixel_pipeline_dir}"]
+    bad_index = tmp_path / "bad-index"
+    bad_index.mkdir()
+    (bad_index / "model_index.json").write_text("{not json")
+    no_unet = tmp_path / "no-unet"
+    no_unet.mkdir()
+    (no_unet / "model_index.json").write_text("{}")
+    cases = [
+        (["run", "--method", "dpo"], "unknown method 'dpo'; accepted: alignprop"),
+        (base + ["--method", "alignprop", "--reward", "beauty"], "unknown reward 'beauty'; accepted:"),
+        (base + ["--method", "alignprop", "train_prompts=animals"], "unknown prompt set 'animals'; accepted:"),
+        (base + ["--method", "alignprop", "--model", str(tmp_path / "nowhere")], "does not exist; accepted:"),
+        (base + ["--method", "alignprop", "--model", str(bad_index)], "model_index.json is malformed"),
+        (base + ["--method", "alignprop", "--model", str(no_unet)], "lacks unet/, text_encoder/"),
+        (base + ["--method", "alignprop", "alignprop.lrr=1"], "unknown config key 'alignprop.lrr'; accepted:"),
+        (base + ["--method", "alignprop", "steps=many"], "config key 'steps' takes a int"),
+        (base + ["--method", "alignprop", "oops"], "bad override 'oops'; accepted: KEY=VALUE"),
+        (base + ["--method", "alignprop", "alignprop.truncation=last-k"], "accepted: full, per_step, last_k"),
+        (base + ["--method", "alignprop", "--reward", "jpeg-compressibility"], "is not differentiable"),
+        (["run", "--resume", str(tmp_path / "nothing")], "no config.yaml there"),
+    ]
+    for argv, expected in cases:
+        line = _error(capsys, argv)
+        assert expected in line, (argv, line)
+        assert not os.path.exists(out), argv
+
+
+def test_hub_id_not_in_cache_fails_fast_without_network(capsys, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def no_network(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    t0 = time.time()
+    line = _error(capsys, ["run", "--method", "alignprop", "--out", str(tmp_path / "r"),
+                           "--model", "someorg/stable-diffusion-v1-5"])
+    assert "neither a local folder nor in the Hugging Face cache" in line
+    assert time.time() - t0 < 5

@@ -1,0 +1,111 @@
+"""The sampler against diffusers itself and against closed-form Gaussians."""
+import math
+
+import pytest
+import torch
+
+from bench import sampling, tiny_models
+from bench.pipeline import load_pipeline
+
+PROMPTS = ["a red circle", "two blue squares", "three green triangles on the left"]
+
+
+def _latent_sd_components():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    comps = tiny_models.build_components(seed=1)
+    torch.manual_seed(1)
+    comps["unet"] = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=8, attention_head_dim=8)
+    comps["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16)
+    # Stable Diffusion v1's scheduler settings
+    comps["scheduler"] = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return comps
+
+
+def test_eta0_sampler_reproduces_stable_diffusion_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    comps = _latent_sd_components()
+    sd = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                                 unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    x_T = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = sd(PROMPTS, num_inference_steps=5, guidance_scale=3.0, eta=0.0, latents=x_T.clone(), output_type="pt").images
+
+    # the same weights through the suite's loader (standard folder layout written by diffusers itself)
+    sd.save_pretrained(tmp_path / "sd")
+    pipe = load_pipeline(str(tmp_path / "sd"))
+    assert pipe.is_latent and pipe.latent_shape == (4, 8, 8)
+    traj = sampling.sample(pipe, PROMPTS, x_T, num_steps=5, guidance=3.0, eta=0.0)
+    assert traj.images.shape == ref.shape == (3, 3, 16, 16)
+    assert torch.allclose(traj.images, ref, atol=1e-5), (traj.images - ref).abs().max()
+    assert torch.isnan(traj.log_probs).all()  # eta = 0: no density
+    # and the differentiable sampler gives the same images
+    with torch.no_grad():
+        img = sampling.sample_with_grad(pipe, PROMPTS, x_T, 5, 3.0, 0.0, checkpointing=False)
+    assert torch.allclose(img, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_matches_diffusers_scheduler_step(small_pixel_pipeline, eta):
+    sched = small_pixel_pipeline.scheduler
+    g = torch.Generator().manual_seed(0)
+    timesteps = sampling.set_timesteps(sched, 4)
+    for t in timesteps:
+        x = torch.randn(2, 3, 8, 8, generator=g)
+        eps = torch.randn(2, 3, 8, 8, generator=g)
+        z = torch.randn(2, 3, 8, 8, generator=g)
+        ref = sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
+        ours = sampling.ddim_step(sched, eps, int(t), x, 4, eta, noise=z).prev
+        assert torch.allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_step_log_prob_is_the_closed_form_gaussian(small_pixel_pipeline, eta, reduction):
+    sched = small_pixel_pipeline.scheduler
+    g = torch.Generator().manual_seed(3)
+    timesteps = sampling.set_timesteps(sched, 5)
+    for t in timesteps:
+        t = int(t)
+        x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        prev = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        out = sampling.ddim_step(sched, eps, t, x, 5, eta, prev=prev, reduction=reduction)
+        # reference: the mean is diffusers' step with zero noise; sigma from the DDIM paper in float64
+        mean = sched.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+        prev_t = t - sched.config.num_train_timesteps // 5
+        a_t = sched.alphas_cumprod[t].double()
+        a_prev = sched.alphas_cumprod[prev_t].double() if prev_t >= 0 else sched.final_alpha_cumprod.double()
+        std = float(eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
+        # diffusers' own variance (float32, so only to ~1e-4 at the last, tiny-variance step)
+        assert std == pytest.approx(eta * math.sqrt(float(sched._get_variance(t, prev_t))), rel=1e-4)
+        if std == 0:  # the last step with set_alpha_to_one: deterministic, no density
+            assert out.log_prob is None and out.std == 0
+            continue
+        dens = torch.distributions.Normal(mean, std).log_prob(prev).flatten(1)
+        want = dens.mean(1) if reduction == "mean" else dens.sum(1)
+        assert out.std == pytest.approx(std, rel=1e-9)
+        assert torch.allclose(out.log_prob, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_stores_a_consistent_trajectory(small_pixel_pipeline):
+    pipe = small_pixel_pipeline
+    x_T = sampling.initial_noise(pipe, 2, torch.Generator().manual_seed(0))
+    traj = sampling.sample(pipe, PROMPTS[:2], x_T, 4, 2.0, 1.0, generator=torch.Generator().manual_seed(1))
+    assert traj.latents.shape == (2, 5, 3, 8, 8) and traj.log_probs.shape == (2, 4)
+    assert torch.isfinite(traj.log_probs).all()
+    # re-scoring each stored transition with the same model reproduces the stored log-probs
+    for i, t in enumerate(traj.timesteps):
+        eps = sampling.guided_eps(pipe.unet, traj.latents[:, i], t, traj.cond, traj.uncond, 2.0)
+        lp = sampling.ddim_step(pipe.scheduler, eps, int(t), traj.latents[:, i], 4, 1.0,
+                                prev=traj.latents[:, i + 1]).log_prob
+        assert torch.allclose(lp, traj.log_probs[:, i], atol=1e-5)

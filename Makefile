@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # Recipes for the committed tiny-world weights (CPU: about an hour; a GPU: minutes).
 base-model: $(STAMP)
-	$(PY) -m bench.pretrain --out models/tiny-t2i --steps 4000
+	$(PY) -m bench.pretrain --out models/tiny-t2i --steps 3000
 
 judge: $(STAMP)
 	$(PY) -m bench.judge --out models/tiny-judge

@@ -34,6 +34,9 @@ from bench.config import Config, dump
 from bench.costs import Costs
 from bench.errors import BenchError
 
+COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
+                "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count", "images", "reward_queries",
+                "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
 CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,6 +201,8 @@ class Run:
         from bench.plots import plot_run
 
         df = pd.DataFrame(self.rows)
+        first = [c for c in COLUMN_ORDER if c in df]
+        df = df[first + [c for c in df.columns if c not in first]]
         store.write_table(df, self.path("metrics"))
         plot_run(df, self.path("reward_curve.png"), title=f"{self.cfg.method} on {self.cfg.reward}")
 

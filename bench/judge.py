@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--eval-samples", type=int, default=2000, help="held-out renders for the accuracy report")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
     model.eval()
-    acc = evaluate(model, np.random.default_rng(12345), 2000)
+    acc = evaluate(model, np.random.default_rng(12345), a.eval_samples)
     print("held-out accuracy on clean renders:", acc)
     save_judge(model, a.out, {"heldout_accuracy": acc, "steps": a.steps, "seed": a.seed})
 

@@ -5,13 +5,14 @@ epsilon-prediction denoising loss:
 
     x0 ~ world, c = caption (replaced by "" with probability ``caption_dropout``, for CFG),
     t ~ U{0..999}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
-    loss = w(t) * || eps_theta(x_t, t, c) - eps ||^2,  w(t) = min(SNR(t), gamma) / SNR(t)  (min-SNR)
+    loss = w(t) * || eps_theta(x_t, t, c) - eps ||^2,  w(t) = 1 (the "simple" loss), or
+                                                        min(SNR(t), gamma) / SNR(t) with --min-snr-gamma
 
 with AdamW, linear warm-up then cosine decay, gradient clipping and an EMA of the weights (the EMA
 is what gets saved).  Runs on CPU or GPU (``--device``); it checkpoints every ``--save-every`` steps
 into ``<out>.state.pt`` and continues from there when restarted with the same arguments.
 
-    python -m bench.pretrain --out models/tiny-t2i --steps 4000
+    python -m bench.pretrain --out models/tiny-t2i --steps 3000
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ import numpy as np
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/tiny-t2i")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0,
+                   help="min-SNR weighting (0 = off; it starves the low-noise steps that clean up samples)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         pred = unet(xt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         snr = abar[t] / (1 - abar[t])
-        weight = torch.clamp(snr, max=a.min_snr_gamma) / snr
+        weight = torch.clamp(snr, max=a.min_snr_gamma) / snr if a.min_snr_gamma > 0 else torch.ones_like(snr)
         loss = (weight * F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -97,7 +97,9 @@ class Method:
             images = sample_with_grad(ctx.pipe, prompts, x_T, s.num_steps, s.guidance, s.eta, grad_mask=mask,
                                       checkpointing=c.checkpointing, generator=ctx.generator, costs=ctx.costs)
             r = ctx.score(images, prompts)
-            ctx.backward(self.loss(r) / c.grad_accum)
+            loss = self.loss(r) / c.grad_accum
+            if loss.requires_grad:  # per_step can, rarely, keep no step at all: then no gradient
+                ctx.backward(loss)
             rewards.append(r.detach().float().cpu())
             grad_steps.append(sum(mask))
         grad_norm = ctx.clip_grad(c.grad_clip)

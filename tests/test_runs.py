@@ -52,8 +52,20 @@ def test_run_writes_every_artefact_and_is_deterministic(small_run_args, tmp_path
     # same seed -> identical metrics; another seed -> different ones
     pd.testing.assert_frame_equal(df.drop(columns=VOLATILE), _metrics(b).drop(columns=VOLATILE))
     assert not df["reward_mean"].iloc[1:].equals(_metrics(c)["reward_mean"].iloc[1:])
-    # the LoRA reloads into a fresh pipeline and gives the run's final eval reward
     assert summary["eval_reward_after"] == pytest.approx(df["eval_reward_mean"].iloc[-1])
+    # the saved LoRA reloads into a fresh pipeline with exactly the trained weights
+    import torch
+
+    from bench.lora import add_lora, load_lora, lora_state_dict
+    from bench.pipeline import load_pipeline
+
+    pipe = load_pipeline(resolve("alignprop", small_run_args).model)
+    add_lora(pipe.unet, seed=123)
+    load_lora(pipe.unet, os.path.join(a, "lora"))
+    trained = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)["lora"]
+    reloaded = lora_state_dict(pipe.unet)
+    assert trained.keys() == reloaded.keys()
+    assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
 
 
 def test_killed_run_resumes_to_the_same_metrics(small_run_args, tmp_path):

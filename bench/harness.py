@@ -35,7 +35,7 @@ from bench.costs import Costs
 from bench.errors import BenchError
 
 COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
-                "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count", "images", "reward_queries",
+                "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count", "kl_to_base", "images", "reward_queries",
                 "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
 CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,6 +250,14 @@ class Run:
             fid = self.judge.fidelity(images, prompts)
             out["fidelity"] = float(fid["all"].mean())
             out.update({f"fidelity_{k}": float(v.mean()) for k, v in fid.items() if k != "all"})
+        if ec.kl_seeds:
+            from bench.sampling import kl_to_base
+
+            kl_noise = noise[: ec.kl_seeds]
+            kls = [kl_to_base(self.pipe, [p] * len(kl_noise), kl_noise, self.cfg.sampler.num_steps,
+                              self.cfg.sampler.guidance, 1.0, torch.Generator().manual_seed(4242))
+                   for p in self.eval_prompts]
+            out["kl_to_base"] = float(torch.cat(kls).mean())
         if grid:
             save_grid(images, prompts, ec.num_seeds, self.path("grids", f"step_{self.step:06d}.png"),
                       title=f"{self.cfg.method} / {self.cfg.reward} / step {self.step}")

@@ -41,61 +41,85 @@ def set_timesteps(scheduler, num_steps: int) -> torch.Tensor:
     return scheduler.timesteps.clone()
 
 
-def _alphas(scheduler, t: int, num_steps: int) -> tuple[float, float]:
+def _alphas(scheduler, t, num_steps: int):
+    """Cumulative alphas at t and at the previous timestep, as float64 tensors shaped like t."""
+    t = torch.as_tensor(t).long().cpu()
     prev_t = t - scheduler.config.num_train_timesteps // num_steps
-    a_t = float(scheduler.alphas_cumprod[t])
-    a_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else float(scheduler.final_alpha_cumprod)
+    abar = scheduler.alphas_cumprod.double()
+    a_t = abar[t]
+    a_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], torch.as_tensor(scheduler.final_alpha_cumprod).double())
     return a_t, a_prev
 
 
-def step_std(scheduler, t: int, num_steps: int, eta: float) -> float:
+def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
     a_t, a_prev = _alphas(scheduler, t, num_steps)
-    return eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, reduction: str = "mean") -> torch.Tensor:
-    """log N(x; mean, std^2 I) per sample, reduced over all non-batch elements."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std, reduction: str = "mean") -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample (std a number or one per sample), reduced over non-batch elements."""
     if reduction not in LOGPROB_REDUCTIONS:
         raise ValueError(f"log-prob reduction {reduction!r}: accepted {LOGPROB_REDUCTIONS}")
-    lp = -((x - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    std = _per_sample(torch.as_tensor(std, dtype=torch.float64), x).to(x.dtype)
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
     lp = lp.flatten(1)
     return lp.mean(1) if reduction == "mean" else lp.sum(1)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) tensor shaped to broadcast against (B, ...) ``like``, on its device."""
+    v = v.to(like.device)
+    return v.view(-1, *([1] * (like.dim() - 1))) if v.dim() == 1 else v
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per sample = ||mean_p - mean_q||^2 / (2 std^2),
+    reduced over non-batch elements like the log-prob (``sum`` = the true KL in nats)."""
+    std = _per_sample(torch.as_tensor(std, dtype=torch.float64), mean_p).to(mean_p.dtype)
+    kl = ((mean_p - mean_q) ** 2 / (2 * std ** 2)).flatten(1)
+    return kl.mean(1) if reduction == "mean" else kl.sum(1)
 
 
 @dataclasses.dataclass
 class StepOut:
     prev: torch.Tensor
     mean: torch.Tensor
-    std: float
+    std: torch.Tensor          # per sample (B,) or a scalar tensor
     log_prob: torch.Tensor | None
 
 
-def ddim_step(scheduler, model_output: torch.Tensor, t: int, x_t: torch.Tensor, num_steps: int, eta: float = 0.0,
+def ddim_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor, num_steps: int, eta: float = 0.0,
               noise: torch.Tensor | None = None, prev: torch.Tensor | None = None,
               reduction: str = "mean") -> StepOut:
-    """One DDIM step; ``prev`` given = score that sample (log-prob) instead of drawing one."""
+    """One DDIM step; ``t`` an int or one timestep per sample (B,).  ``prev`` given = score that sample
+    (its log-prob) instead of drawing one.  Coefficients are computed in float64, then cast."""
     cfg = scheduler.config
     if getattr(cfg, "thresholding", False):
         raise ValueError("DDIM with dynamic thresholding is not supported")
-    a_t, a_prev = _alphas(scheduler, int(t), num_steps)
+    a_t, a_prev = _alphas(scheduler, t, num_steps)
+    dt = x_t.dtype
+
+    def c(v):  # a float64 coefficient, per sample or scalar, in the latents' dtype and shape
+        return _per_sample(v, x_t).to(dt)
+
     if cfg.prediction_type == "epsilon":
-        x0 = (x_t - math.sqrt(1 - a_t) * model_output) / math.sqrt(a_t)
+        x0 = (x_t - c((1 - a_t).sqrt()) * model_output) / c(a_t.sqrt())
         eps = model_output
     elif cfg.prediction_type == "v_prediction":
-        x0 = math.sqrt(a_t) * x_t - math.sqrt(1 - a_t) * model_output
-        eps = math.sqrt(a_t) * model_output + math.sqrt(1 - a_t) * x_t
+        x0 = c(a_t.sqrt()) * x_t - c((1 - a_t).sqrt()) * model_output
+        eps = c(a_t.sqrt()) * model_output + c((1 - a_t).sqrt()) * x_t
     elif cfg.prediction_type == "sample":
         x0 = model_output
-        eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        eps = (x_t - c(a_t.sqrt()) * x0) / c((1 - a_t).sqrt())
     else:
         raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported")
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std ** 2, 0.0)) * eps
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    mean = c(a_prev.sqrt()) * x0 + c((1 - a_prev - std ** 2).clamp(min=0).sqrt()) * eps
     if prev is None:
-        prev = mean if std == 0 or noise is None else mean + std * noise
-    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduction) if std > 0 else None
+        prev = mean if noise is None or bool((std == 0).all()) else mean + c(std) * noise
+    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduction) if bool((std > 0).all()) else None
     return StepOut(prev=prev, mean=mean, std=std, log_prob=log_prob)
 
 
@@ -106,6 +130,8 @@ def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
         inp, emb = x, cond
     else:
         inp, emb = torch.cat([x, x]), torch.cat([uncond, cond])
+        if torch.is_tensor(t) and t.dim() == 1:  # one timestep per sample
+            t = torch.cat([t, t])
     out = unet(inp, t, encoder_hidden_states=emb, return_dict=False)[0]
     if costs is not None:
         costs.unet_fwd += inp.shape[0]
@@ -196,6 +222,30 @@ def sample_with_grad(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int
     if costs is not None:
         costs.images += x.shape[0]
     return pipe.decode(x)
+
+
+@torch.no_grad()
+def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, eta: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """Sum over steps of KL(p_theta(x_{t-1}|x_t) || p_base(x_{t-1}|x_t)) along trajectories of the LoRA
+    policy (eta > 0), the base being the same UNet with its adapter off; per sample, in nats (element
+    sum).  By the chain rule this bounds the KL between the two models' final-image distributions."""
+    cond, uncond = embed(pipe, prompts, guidance)
+    x = x_T * pipe.scheduler.init_noise_sigma
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for t in set_timesteps(pipe.scheduler, num_steps):
+        out = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x, num_steps,
+                        eta, noise=torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype))
+        pipe.unet.disable_adapters()
+        try:
+            base = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x,
+                             num_steps, eta)
+        finally:
+            pipe.unet.enable_adapters()
+        if bool((out.std > 0).all()):
+            total += gaussian_kl(out.mean, base.mean, out.std, "sum").double().cpu()
+        x = out.prev
+    return total
 
 
 TRUNCATIONS = ("full", "per_step", "last_k")

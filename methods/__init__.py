@@ -19,6 +19,9 @@ from bench.errors import BenchError
 
 METHODS = {
     "alignprop": "methods.alignprop",
+    "ddpo": "methods.ddpo",        # DDPO-IS
+    "ddpo-sf": "methods.ddpo",     # DDPO-SF (preset sets ddpo.estimator=sf)
+    "dpok": "methods.dpok",
 }
 
 

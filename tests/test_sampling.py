@@ -89,11 +89,11 @@ def test_step_log_prob_is_the_closed_form_gaussian(small_pixel_pipeline, eta, re
         # diffusers' own variance (float32, so only to ~1e-4 at the last, tiny-variance step)
         assert std == pytest.approx(eta * math.sqrt(float(sched._get_variance(t, prev_t))), rel=1e-4)
         if std == 0:  # the last step with set_alpha_to_one: deterministic, no density
-            assert out.log_prob is None and out.std == 0
+            assert out.log_prob is None and float(out.std) == 0
             continue
         dens = torch.distributions.Normal(mean, std).log_prob(prev).flatten(1)
         want = dens.mean(1) if reduction == "mean" else dens.sum(1)
-        assert out.std == pytest.approx(std, rel=1e-9)
+        assert float(out.std) == pytest.approx(std, rel=1e-9)
         assert torch.allclose(out.log_prob, want, rtol=1e-6, atol=1e-6)
 
 
@@ -109,3 +109,17 @@ def test_sample_stores_a_consistent_trajectory(small_pixel_pipeline):
         lp = sampling.ddim_step(pipe.scheduler, eps, int(t), traj.latents[:, i], 4, 1.0,
                                 prev=traj.latents[:, i + 1]).log_prob
         assert torch.allclose(lp, traj.log_probs[:, i], atol=1e-5)
+
+
+def test_per_sample_timesteps_equal_one_step_per_sample(small_pixel_pipeline):
+    """DDPO trains on a different timestep per sample: the batched step must equal per-sample steps."""
+    sched = small_pixel_pipeline.scheduler
+    timesteps = sampling.set_timesteps(sched, 5)
+    g = torch.Generator().manual_seed(4)
+    t = timesteps[torch.tensor([0, 3, 4, 1])]
+    x, eps, prev = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))
+    batched = sampling.ddim_step(sched, eps, t, x, 5, 1.0, prev=prev)
+    for i in range(4):
+        one = sampling.ddim_step(sched, eps[i:i + 1], int(t[i]), x[i:i + 1], 5, 1.0, prev=prev[i:i + 1])
+        assert torch.allclose(batched.mean[i], one.mean[0], atol=1e-6)
+        assert torch.allclose(batched.log_prob[i], one.log_prob[0], atol=1e-5)

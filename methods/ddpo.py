@@ -1,0 +1,176 @@
+"""DDPO: training diffusion models with reinforcement learning.
+
+Black, Janner, Du, Kostrikov, Levine, arXiv 2305.13301.
+
+Denoising is a T-step MDP: state (c, t, x_t), action x_{t-1}, policy p_theta(x_{t-1} | x_t, c) = the
+guided DDIM step with eta = 1, reward r(x0, c) at the end only.  Objective J = E[r(x0, c)].
+
+    repeat                                                      (one harness step = one sampling round)
+        # sampling phase (no gradients)
+        c ~ prompts, x_T ~ N(0, I); run DDIM (eta = 1, CFG in the policy), store x_T..x_0 and
+        log p_old(x_{t-1} | x_t, c) for every step; r = reward(x0, c)
+        A = per-prompt normalised r (running buffer, batch statistics until min_count), clipped
+        # training phase
+        for each inner epoch:
+            shuffle samples; shuffle the timestep order of every sample independently;
+            keep the first ceil(timestep_fraction * T) of each order
+            for each minibatch, for each kept timestep position:
+                log p_theta(stored x_{t-1} | stored x_t, c)      (recomputed guided prediction)
+                rho = exp(log p_theta - log p_old)
+                SF:  L = -A log p_theta                           (REINFORCE; rho = 1 on-policy)
+                IS:  L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps))   (PPO-clipped)
+            accumulate over grad_accum minibatches x kept timesteps, clip the gradient, AdamW step
+
+Variants, named exactly: ``ddpo`` = DDPO-IS, ``ddpo-sf`` = DDPO-SF (one inner epoch, one optimizer
+update per sampling round, so it stays on-policy).  ``logprob_reduction`` records whether the step
+log-prob is averaged over latent elements (``mean``: ddpo-pytorch and trl, what clip_range 1e-4
+assumes) or summed (the true log-density).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.advantages import PerPromptStatTracker, batch_normalise
+from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, guided_eps, sample
+
+NAME_KEY = "ddpo"
+NEEDS_DIFFERENTIABLE_REWARD = False
+ESTIMATORS = ("is", "sf")
+DEFAULTS = {
+    "estimator": "is",           # is (PPO-clipped importance sampling) | sf (score function / REINFORCE)
+    "samples_per_step": 16,      # trajectories per sampling round
+    "sample_batch_size": 8,
+    "train_batch_size": 4,
+    "grad_accum": 2,             # minibatches per optimizer update (x every kept timestep)
+    "inner_epochs": 1,
+    "lr": 3e-4,                  # ddpo-pytorch's LoRA learning rate
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "weight_decay": 1e-4,
+    "clip_range": 1e-4,
+    "adv_clip": 5.0,
+    "grad_clip": 1.0,
+    "timestep_fraction": 1.0,
+    "per_prompt_stats": True,
+    "stat_buffer": 16,
+    "stat_min_count": 16,
+    "logprob_reduction": "mean",
+}
+
+
+def variant(cfg) -> str:
+    d = cfg[NAME_KEY]
+    return f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}" + (
+        "/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
+
+
+def validate(cfg) -> None:
+    from bench.errors import BenchError
+
+    d = cfg[NAME_KEY]
+    if d["estimator"] not in ESTIMATORS:
+        raise BenchError(f"ddpo.estimator {d['estimator']!r}; accepted: {', '.join(ESTIMATORS)}")
+    if d["logprob_reduction"] not in LOGPROB_REDUCTIONS:
+        raise BenchError(f"ddpo.logprob_reduction {d['logprob_reduction']!r}; accepted: {', '.join(LOGPROB_REDUCTIONS)}")
+    if cfg["method"] == "ddpo-sf" and d["estimator"] != "sf":
+        raise BenchError("method 'ddpo-sf' needs ddpo.estimator=sf; for the importance-sampling variant use method 'ddpo'")
+    if cfg["sampler"]["eta"] <= 0:
+        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; accepted: eta > 0")
+    n, b, tb = d["samples_per_step"], d["sample_batch_size"], d["train_batch_size"]
+    if n % b or n % (tb * d["grad_accum"]):
+        raise BenchError(f"ddpo.samples_per_step ({n}) must be a multiple of sample_batch_size ({b}) and of "
+                         f"train_batch_size x grad_accum ({tb} x {d['grad_accum']})")
+    if d["estimator"] == "sf" and (d["inner_epochs"] != 1 or n != tb * d["grad_accum"]):
+        raise BenchError("DDPO-SF makes one on-policy update per sampling round: set ddpo.inner_epochs=1 and "
+                         "ddpo.train_batch_size x ddpo.grad_accum = ddpo.samples_per_step")
+    if not 0 < d["timestep_fraction"] <= 1:
+        raise BenchError("ddpo.timestep_fraction must be in (0, 1]")
+
+
+def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, estimator: str,
+                clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step surrogate loss (mean over the batch) and the importance ratios."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    if estimator == "sf":
+        return -(advantages * log_prob).mean(), ratio
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+class Method:
+    def __init__(self, ctx):
+        self.ctx, self.cfg = ctx, ctx.method_cfg
+        c = self.cfg
+        self.opt = ctx.optimizer(ctx.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
+                                 weight_decay=c.weight_decay)
+        self.tracker = PerPromptStatTracker(c.stat_buffer, c.stat_min_count)
+
+    # ---- sampling phase ----------------------------------------------------------------------------
+    def collect(self) -> dict:
+        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
+        parts = []
+        for _ in range(c.samples_per_step // c.sample_batch_size):
+            prompts = ctx.draw_prompts(c.sample_batch_size)
+            traj = sample(ctx.pipe, prompts, ctx.noise(c.sample_batch_size), s.num_steps, s.guidance, s.eta,
+                          generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
+            parts.append((prompts, traj, ctx.score(traj.images, prompts).float().cpu()))
+        prompts = [p for part in parts for p in part[0]]
+        rewards = torch.cat([part[2] for part in parts])
+        adv = self.tracker.update(prompts, rewards) if c.per_prompt_stats else batch_normalise(rewards)
+        cat = lambda name: torch.cat([getattr(part[1], name) for part in parts])  # noqa: E731
+        return {"prompts": prompts, "rewards": rewards, "advantages": adv.clamp(-c.adv_clip, c.adv_clip),
+                "latents": cat("latents"), "log_probs": cat("log_probs"), "cond": cat("cond"),
+                "uncond": cat("uncond") if parts[0][1].uncond is not None else None,
+                "timesteps": parts[0][1].timesteps}
+
+    # ---- training phase ----------------------------------------------------------------------------
+    def step(self) -> dict:
+        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
+        batch = self.collect()
+        n, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
+        n_t = math.ceil(c.timestep_fraction * T)
+        g = ctx.generator
+        ratios, clipfrac, approx_kl, losses = [], [], [], []
+        micro = 0
+        for _ in range(c.inner_epochs):
+            perm = torch.randperm(n, generator=g)
+            order = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])  # per-sample timestep order
+            for start in range(0, n, c.train_batch_size):
+                idx = perm[start:start + c.train_batch_size]
+                for j in range(n_t):
+                    ti = order[idx, j]
+                    x_t, x_prev = batch["latents"][idx, ti], batch["latents"][idx, ti + 1]
+                    t = batch["timesteps"][ti]
+                    uncond = batch["uncond"][idx] if batch["uncond"] is not None else None
+                    eps = guided_eps(ctx.pipe.unet, x_t, t, batch["cond"][idx], uncond, s.guidance, ctx.costs,
+                                     with_grad=True)
+                    lp = ddim_step(ctx.pipe.scheduler, eps, t, x_t, s.num_steps, s.eta, prev=x_prev,
+                                   reduction=c.logprob_reduction).log_prob
+                    old = batch["log_probs"][idx, ti].to(lp.device)
+                    adv = batch["advantages"][idx].to(lp.device)
+                    loss, ratio = policy_loss(lp, old, adv, c.estimator, c.clip_range)
+                    ctx.backward(loss / (n_t * c.grad_accum))
+                    ratios.append(ratio.detach().cpu())
+                    clipfrac.append(((ratio.detach() - 1).abs() > c.clip_range).float().cpu())
+                    approx_kl.append((0.5 * (lp.detach() - old) ** 2).cpu())
+                    losses.append(float(loss.detach()))
+                micro += 1
+                if micro % c.grad_accum == 0:
+                    ctx.clip_grad(c.grad_clip)
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+        r = batch["rewards"]
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
+                "ratio_mean": float(torch.cat(ratios).mean()), "clipfrac": float(torch.cat(clipfrac).mean()),
+                "approx_kl": float(torch.cat(approx_kl).mean()), "loss": sum(losses) / len(losses),
+                "updates": micro // c.grad_accum}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])

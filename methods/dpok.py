@@ -1,0 +1,201 @@
+"""DPOK: reinforcement learning for fine-tuning text-to-image diffusion models, KL-regularised.
+
+Fan, Watkins, Du, Liu, Ryu, Boutilier, Abbeel, Ghavamzadeh, Lee, Lee, arXiv 2305.16381
+(official code: google-research ``dpok/train_online_pg.py``).
+
+Objective: min_theta  E[-alpha r(x0, c)] + beta sum_t E[KL(p_theta(x_{t-1}|x_t,c) || p_pre(x_{t-1}|x_t,c))].
+Both steps are Gaussians with the same sigma_t, so each KL is ||mu_theta - mu_pre||^2 / (2 sigma_t^2);
+mu_pre is the same UNet with its LoRA adapter switched off (no second copy of the model).
+
+    repeat                                                       (one harness step = one sampling round)
+        sample g_batch trajectories (eta = 1, CFG in the policy), store every transition
+        (x_t, x_{t-1}, t, log p_old, c) with its final reward in a replay buffer (bounded)
+        [value baseline: fit V(x_t, c, t) to the final reward by MSE, v_steps minibatches]
+        for p_step policy updates:
+            draw p_batch x grad_accum transitions from the buffer
+            A   = r - V(x_t, c, t)   (value)  |  (r - mean) / std over the buffer (batch)  |  r (none)
+            rho = exp(log p_theta(x_{t-1}|x_t,c) - log p_old)
+            L   = -reward_weight * A * clamp(rho, 1 - eps, 1 + eps)       (a plain clamp, not PPO's min/max)
+                  + kl_weight * ||mu_theta - mu_pre||^2 / (2 sigma_t^2)
+            clip the gradient norm, AdamW step
+
+The log-prob and the KL are reduced over latent elements the same way (``logprob_reduction``:
+``mean`` as the reference code's log-prob, or ``sum``); both are recorded in the run config.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, gaussian_kl, guided_eps, sample
+
+NAME_KEY = "dpok"
+NEEDS_DIFFERENTIABLE_REWARD = False
+BASELINES = ("batch", "value", "none")
+DEFAULTS = {
+    "g_batch": 8,                # trajectories sampled per round
+    "p_step": 4,                 # policy updates per round
+    "p_batch": 4,                # transitions per minibatch
+    "grad_accum": 2,
+    "buffer_size": 1000,         # transitions kept
+    "lr": 3e-4,
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "weight_decay": 1e-4,
+    "ratio_clip": 1e-4,
+    "reward_weight": 10.0,       # alpha (README single-prompt recipe: 10)
+    "kl_weight": 0.01,           # beta  (README single-prompt recipe: 0.01)
+    "kl_warmup": 0,              # harness steps before the KL term is switched on
+    "grad_clip": 0.1,            # clip_norm of the official code
+    "baseline": "batch",         # batch | value | none   (the paper: value; the code's v_flag=0: none)
+    "v_lr": 1e-4,
+    "v_steps": 5,
+    "v_batch": 32,
+    "logprob_reduction": "mean",
+}
+
+
+def variant(cfg) -> str:
+    d = cfg[NAME_KEY]
+    return f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}"
+
+
+def validate(cfg) -> None:
+    from bench.errors import BenchError
+
+    d = cfg[NAME_KEY]
+    if d["baseline"] not in BASELINES:
+        raise BenchError(f"dpok.baseline {d['baseline']!r}; accepted: {', '.join(BASELINES)}")
+    if d["logprob_reduction"] not in LOGPROB_REDUCTIONS:
+        raise BenchError(f"dpok.logprob_reduction {d['logprob_reduction']!r}; accepted: {', '.join(LOGPROB_REDUCTIONS)}")
+    if cfg["sampler"]["eta"] <= 0:
+        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; accepted: eta > 0")
+
+
+class ValueNet(nn.Module):
+    """V(x_t, c, t): a small CNN on the latent, the mean text embedding and the timestep."""
+
+    def __init__(self, channels: int, text_dim: int, width: int = 32):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(width + text_dim + 1, 64), nn.SiLU(), nn.Linear(64, 1))
+
+    def forward(self, x, text, t):
+        feats = [self.conv(x.float()), text.float().mean(1), (t.float() / 1000.0).view(-1, 1)]
+        return self.head(torch.cat(feats, 1)).squeeze(1)
+
+
+class Method:
+    def __init__(self, ctx):
+        self.ctx, self.cfg = ctx, ctx.method_cfg
+        c = self.cfg
+        self.opt = ctx.optimizer(ctx.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
+                                 weight_decay=c.weight_decay)
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.rounds = 0
+        self.value = None
+        if c.baseline == "value":
+            ch = ctx.pipe.latent_shape[0]
+            text_dim = ctx.pipe.text_encoder.config.hidden_size
+            self.value = ValueNet(ch, text_dim).to(ctx.pipe.device)
+            self.v_opt = torch.optim.AdamW(self.value.parameters(), lr=c.v_lr)
+
+    def add_to_buffer(self, traj, rewards: torch.Tensor) -> None:
+        B, T = traj.log_probs.shape
+        new = {"x_t": traj.latents[:, :-1].reshape(B * T, *traj.latents.shape[2:]).cpu(),
+               "x_prev": traj.latents[:, 1:].reshape(B * T, *traj.latents.shape[2:]).cpu(),
+               "t_index": torch.arange(T).repeat(B),
+               "log_prob": traj.log_probs.reshape(B * T),
+               "reward": rewards.repeat_interleave(T),
+               "cond": traj.cond.cpu().repeat_interleave(T, 0)}
+        if traj.uncond is not None:
+            new["uncond"] = traj.uncond.cpu().repeat_interleave(T, 0)
+        for k, v in new.items():
+            self.buffer[k] = torch.cat([self.buffer[k], v])[-self.cfg.buffer_size:] if k in self.buffer else v
+        self.timesteps = traj.timesteps
+
+    def fit_value(self) -> float:
+        c, n = self.cfg, len(self.buffer["reward"])
+        loss = torch.tensor(0.0)
+        for _ in range(c.v_steps):
+            idx = torch.randint(0, n, (min(c.v_batch, n),), generator=self.ctx.generator)
+            pred = self.value(*self._value_inputs(idx))
+            loss = ((pred - self.buffer["reward"][idx].to(pred.device)) ** 2).mean()
+            self.v_opt.zero_grad()
+            loss.backward()
+            self.v_opt.step()
+        return float(loss)
+
+    def _value_inputs(self, idx):
+        dev = self.ctx.pipe.device
+        return (self.buffer["x_t"][idx].to(dev), self.buffer["cond"][idx].to(dev),
+                self.timesteps[self.buffer["t_index"][idx]].to(dev))
+
+    def advantages(self, idx) -> torch.Tensor:
+        r = self.buffer["reward"]
+        if self.cfg.baseline == "value":
+            with torch.no_grad():
+                return r[idx] - self.value(*self._value_inputs(idx)).cpu()
+        if self.cfg.baseline == "batch":
+            return (r[idx] - r.mean()) / (r.std(unbiased=False) + 1e-6)
+        return r[idx]
+
+    def step(self) -> dict:
+        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
+        prompts = ctx.draw_prompts(c.g_batch)
+        traj = sample(ctx.pipe, prompts, ctx.noise(c.g_batch), s.num_steps, s.guidance, s.eta,
+                      generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
+        rewards = ctx.score(traj.images, prompts).float().cpu()
+        self.add_to_buffer(traj, rewards)
+        self.rounds += 1
+        v_loss = self.fit_value() if self.value is not None else float("nan")
+        kl_on = self.rounds > c.kl_warmup
+        unet, n = ctx.pipe.unet, len(self.buffer["reward"])
+        ratios, kls, clipfrac = [], [], []
+        for _ in range(c.p_step):
+            for _ in range(c.grad_accum):
+                idx = torch.randint(0, n, (c.p_batch,), generator=ctx.generator)
+                b = {k: v[idx].to(ctx.pipe.device) for k, v in self.buffer.items()}
+                t = self.timesteps[b["t_index"].cpu()]
+                eps = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs, with_grad=True)
+                out = ddim_step(ctx.pipe.scheduler, eps, t, b["x_t"], s.num_steps, s.eta, prev=b["x_prev"],
+                                reduction=c.logprob_reduction)
+                ratio = torch.exp(out.log_prob - b["log_prob"])
+                adv = self.advantages(idx).to(ratio.device)
+                loss = -(c.reward_weight * adv * torch.clamp(ratio, 1 - c.ratio_clip, 1 + c.ratio_clip)).mean()
+                with torch.no_grad():  # the pretrained policy's mean: same UNet, adapter off
+                    unet.disable_adapters()
+                    eps_pre = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs)
+                    unet.enable_adapters()
+                    mean_pre = ddim_step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], s.num_steps, s.eta).mean
+                kl = gaussian_kl(out.mean, mean_pre, out.std, c.logprob_reduction)
+                if kl_on:
+                    loss = loss + c.kl_weight * kl.mean()
+                ctx.backward(loss / c.grad_accum)
+                ratios.append(ratio.detach().cpu())
+                kls.append(kl.detach().cpu())
+                clipfrac.append(((ratio.detach() - 1).abs() > c.ratio_clip).float().cpu())
+            ctx.clip_grad(c.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "ratio_mean": float(torch.cat(ratios).mean()), "clipfrac": float(torch.cat(clipfrac).mean()),
+                "kl_penalty": float(torch.cat(kls).mean()), "value_loss": v_loss, "buffer": n}
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict(), "buffer": self.buffer, "rounds": self.rounds,
+                 "timesteps": getattr(self, "timesteps", None)}
+        if self.value is not None:
+            state.update(value=self.value.state_dict(), v_opt=self.v_opt.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.buffer, self.rounds = state["buffer"], state["rounds"]
+        if state["timesteps"] is not None:
+            self.timesteps = state["timesteps"]
+        if self.value is not None:
+            self.value.load_state_dict(state["value"])
+            self.v_opt.load_state_dict(state["v_opt"])

@@ -126,7 +126,7 @@ class Method:
             self.v_opt.zero_grad()
             loss.backward()
             self.v_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def _value_inputs(self, idx):
         dev = self.ctx.pipe.device

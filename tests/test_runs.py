@@ -68,11 +68,23 @@ def test_run_writes_every_artefact_and_is_deterministic(small_run_args, tmp_path
     assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
 
 
-def test_killed_run_resumes_to_the_same_metrics(small_run_args, tmp_path):
+METHOD_ARGS = {
+    "alignprop": [],
+    "ddpo": ["ddpo.samples_per_step=4", "ddpo.sample_batch_size=2", "ddpo.train_batch_size=2", "ddpo.grad_accum=1",
+             "sampler.eta=1.0", "ddpo.lr=0.01", "ddpo.stat_min_count=2", "reward=jpeg-compressibility"],
+    "dpok": ["dpok.g_batch=2", "dpok.p_step=2", "dpok.p_batch=2", "dpok.grad_accum=1", "dpok.baseline=value",
+             "sampler.eta=1.0", "dpok.lr=0.01", "reward=jpeg-compressibility"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_killed_run_resumes_to_the_same_metrics(small_run_args, tmp_path, method):
+    args = [a for a in small_run_args if not a.startswith("alignprop.")] if method != "alignprop" else small_run_args
+    args = args + METHOD_ARGS[method]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    harness.start(resolve("alignprop", small_run_args), full)
+    harness.start(resolve(method, args), full)
     env = dict(os.environ, **{harness.CRASH_ENV: "3"})
-    cmd = [sys.executable, "-m", "bench", "run", "--method", "alignprop", "--out", killed] + small_run_args
+    cmd = [sys.executable, "-m", "bench", "run", "--method", method, "--out", killed] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert json.load(open(os.path.join(killed, "manifest.json")))["status"] == "running"

@@ -3,6 +3,7 @@
     python -m bench run --method alignprop [--reward R] [--steps N] [--seed S] [--set KEY=VALUE ...]
     python -m bench run --resume RUN_DIR
     python -m bench list
+    python -m bench compare RUN_DIR ... --metric kl_to_base --x images --out kl.png
 
 Bad input ends with one line ``error: ...`` naming what is wrong and what is accepted (exit 2);
 nothing is written before the whole run has been checked.
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     r.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides")
     sub.add_parser("list", help="methods, rewards and prompt sets")
+    c = sub.add_parser("compare", help="curves of several runs on one figure")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--metric", action="append", help="metric column(s) (default eval_reward_mean)")
+    c.add_argument("--x", default="step", help="step | images | reward_queries | unet_fwd | unet_bwd | wall_time")
+    c.add_argument("--out", required=True, help="PNG or SVG file")
+    c.add_argument("--title", default="")
     return p
 
 
@@ -50,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             print("methods:    ", ", ".join(sorted(METHODS)))
             print("rewards:    ", ", ".join(sorted(REGISTRY)))
             print("prompt sets:", ", ".join(available()))
+            return 0
+        if args.cmd == "compare":
+            from bench.compare import plot_metrics
+
+            plot_metrics(args.runs, args.metric or ["eval_reward_mean"], args.x, args.out, args.title)
+            print(f"wrote {args.out}")
             return 0
         from bench import harness
 

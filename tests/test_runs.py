@@ -146,3 +146,14 @@ def test_hub_id_not_in_cache_fails_fast_without_network(capsys, tmp_path, monkey
                            "--model", "someorg/stable-diffusion-v1-5"])
     assert "neither a local folder nor in the Hugging Face cache" in line
     assert time.time() - t0 < 5
+
+
+def test_compare_plots_runs_and_rejects_unknown_metrics(small_run_args, tmp_path, capsys):
+    a = str(tmp_path / "a")
+    harness.start(resolve("alignprop", small_run_args + ["steps=2"]), a)
+    out = str(tmp_path / "cmp.png")
+    assert cli.main(["compare", a, a, "--metric", "eval_reward_mean", "--metric", "kl_to_base", "--x", "images",
+                     "--out", out]) == 0
+    assert os.path.getsize(out) > 1000
+    assert "metric 'nope' is in none of the runs" in _error(capsys, ["compare", a, "--metric", "nope", "--out", out])
+    assert "x-axis 'epochs'; accepted: step" in _error(capsys, ["compare", a, "--x", "epochs", "--out", out])

@@ -149,8 +149,22 @@ def validate(cfg: dict, module) -> None:
         raise BenchError("sampler.num_steps and eval.num_steps must be >= 1")
     if cfg["eval"]["every"] < 1 or cfg["eval"]["num_seeds"] < 2:
         raise BenchError("eval.every must be >= 1 and eval.num_seeds >= 2 (a standard error needs two)")
+    if not 0 <= cfg["eval"]["kl_seeds"] <= cfg["eval"]["num_seeds"]:
+        raise BenchError(f"eval.kl_seeds = {cfg['eval']['kl_seeds']}; accepted: 0 (off) .. eval.num_seeds")
     if hasattr(module, "validate"):
         module.validate(cfg)
+
+
+def check_choice(key: str, value, accepted) -> None:
+    """A method's validate() helper: one error line naming the key, its value and what is accepted."""
+    if value not in accepted:
+        raise BenchError(f"{key} {value!r}; accepted: {', '.join(map(str, accepted))}")
+
+
+def check_stochastic_sampler(cfg: dict) -> None:
+    if cfg["sampler"]["eta"] <= 0:
+        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; "
+                         "accepted: eta > 0")
 
 
 def dump(cfg: dict) -> str:

@@ -60,13 +60,12 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
+    from bench.config import check_choice
     from bench.errors import BenchError
 
     a = cfg[NAME_KEY]
-    if a["truncation"] not in TRUNCATIONS:
-        raise BenchError(f"alignprop.truncation {a['truncation']!r}; accepted: {', '.join(TRUNCATIONS)}")
-    if a["k_dist"] not in K_DISTS:
-        raise BenchError(f"alignprop.k_dist {a['k_dist']!r}; accepted: {', '.join(K_DISTS)}")
+    check_choice("alignprop.truncation", a["truncation"], TRUNCATIONS)
+    check_choice("alignprop.k_dist", a["k_dist"], K_DISTS)
     if not 1 <= a["k"] <= cfg["sampler"]["num_steps"]:
         raise BenchError(f"alignprop.k = {a['k']}; accepted: 1..sampler.num_steps ({cfg['sampler']['num_steps']})")
     if a["batch_size"] < 1 or a["grad_accum"] < 1:

@@ -67,17 +67,15 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
+    from bench.config import check_choice, check_stochastic_sampler
     from bench.errors import BenchError
 
     d = cfg[NAME_KEY]
-    if d["estimator"] not in ESTIMATORS:
-        raise BenchError(f"ddpo.estimator {d['estimator']!r}; accepted: {', '.join(ESTIMATORS)}")
-    if d["logprob_reduction"] not in LOGPROB_REDUCTIONS:
-        raise BenchError(f"ddpo.logprob_reduction {d['logprob_reduction']!r}; accepted: {', '.join(LOGPROB_REDUCTIONS)}")
+    check_choice("ddpo.estimator", d["estimator"], ESTIMATORS)
+    check_choice("ddpo.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
+    check_stochastic_sampler(cfg)
     if cfg["method"] == "ddpo-sf" and d["estimator"] != "sf":
         raise BenchError("method 'ddpo-sf' needs ddpo.estimator=sf; for the importance-sampling variant use method 'ddpo'")
-    if cfg["sampler"]["eta"] <= 0:
-        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; accepted: eta > 0")
     n, b, tb = d["samples_per_step"], d["sample_batch_size"], d["train_batch_size"]
     if n % b or n % (tb * d["grad_accum"]):
         raise BenchError(f"ddpo.samples_per_step ({n}) must be a multiple of sample_batch_size ({b}) and of "

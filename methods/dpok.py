@@ -61,15 +61,12 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    from bench.errors import BenchError
+    from bench.config import check_choice, check_stochastic_sampler
 
     d = cfg[NAME_KEY]
-    if d["baseline"] not in BASELINES:
-        raise BenchError(f"dpok.baseline {d['baseline']!r}; accepted: {', '.join(BASELINES)}")
-    if d["logprob_reduction"] not in LOGPROB_REDUCTIONS:
-        raise BenchError(f"dpok.logprob_reduction {d['logprob_reduction']!r}; accepted: {', '.join(LOGPROB_REDUCTIONS)}")
-    if cfg["sampler"]["eta"] <= 0:
-        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; accepted: eta > 0")
+    check_choice("dpok.baseline", d["baseline"], BASELINES)
+    check_choice("dpok.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
+    check_stochastic_sampler(cfg)
 
 
 class ValueNet(nn.Module):

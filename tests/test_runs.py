@@ -113,7 +113,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
     no_unet.mkdir()
     (no_unet / "model_index.json").write_text("{}")
     cases = [
-        (["run", "--method", "dpo"], "unknown method 'dpo'; accepted: alignprop"),
+        (["run", "--method", "dpo"], "unknown method 'dpo'; accepted: alignprop, ddpo, ddpo-sf, dpok"),
         (base + ["--method", "alignprop", "--reward", "beauty"], "unknown reward 'beauty'; accepted:"),
         (base + ["--method", "alignprop", "train_prompts=animals"], "unknown prompt set 'animals'; accepted:"),
         (base + ["--method", "alignprop", "--model", str(tmp_path / "nowhere")], "does not exist; accepted:"),
@@ -125,6 +125,10 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
         (base + ["--method", "alignprop", "alignprop.truncation=last-k"], "accepted: full, per_step, last_k"),
         (base + ["--method", "alignprop", "--reward", "jpeg-compressibility"], "is not differentiable"),
         (["run", "--resume", str(tmp_path / "nothing")], "no config.yaml there"),
+        (base + ["--method", "ddpo", "sampler.eta=0"], "policy gradients need a stochastic sampler; accepted: eta > 0"),
+        (base + ["--method", "ddpo-sf", "ddpo.estimator=is"], "method 'ddpo-sf' needs ddpo.estimator=sf"),
+        (base + ["--method", "dpok", "dpok.baseline=critic"], "dpok.baseline 'critic'; accepted: batch, value, none"),
+        (base + ["--method", "ddpo", "ddpo.samples_per_step=10"], "must be a multiple of sample_batch_size"),
     ]
     for argv, expected in cases:
         line = _error(capsys, argv)

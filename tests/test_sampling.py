@@ -54,18 +54,29 @@ def test_eta0_sampler_reproduces_stable_diffusion_pipeline(tmp_path):
     assert torch.allclose(img, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_step_matches_diffusers_scheduler_step(small_pixel_pipeline, eta):
-    sched = small_pixel_pipeline.scheduler
+def test_ddim_step_matches_diffusers_scheduler_step(eta, spacing):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config({**tiny_models.SCHEDULER_CONFIG, "timestep_spacing": spacing, "steps_offset": 1})
     g = torch.Generator().manual_seed(0)
     timesteps = sampling.set_timesteps(sched, 4)
     for t in timesteps:
-        x = torch.randn(2, 3, 8, 8, generator=g)
-        eps = torch.randn(2, 3, 8, 8, generator=g)
-        z = torch.randn(2, 3, 8, 8, generator=g)
+        # float64 latents, so both sides compute from the same float32 alphas without float32 rounding
+        x, eps, z = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
         ref = sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
         ours = sampling.ddim_step(sched, eps, int(t), x, 4, eta, noise=z).prev
-        assert torch.allclose(ours, ref, atol=1e-6)
+        if torch.isnan(ref).any():
+            # diffusers: sqrt(1 - a_prev - sigma^2) of a float32 rounding below 0 at t = 999, eta = 1
+            assert t == 999 and eta == 1.0 and torch.isfinite(ours).all()
+            continue
+        # where 1 - a_prev - sigma^2 nearly cancels (t = 999, eta near 1), diffusers' float32 variance is
+        # only good to ~1e-4 after the square root
+        a_t, a_prev = sampling._alphas(sched, int(t), 4)
+        direction = float((1 - a_prev - sampling.step_std(sched, int(t), 4, eta) ** 2).clamp(min=0).sqrt())
+        tol = 1e-6 if direction > 0.05 else 1e-3
+        assert torch.allclose(ours, ref, rtol=tol, atol=tol), (t, (ours - ref).abs().max())
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -80,14 +91,13 @@ def test_step_log_prob_is_the_closed_form_gaussian(small_pixel_pipeline, eta, re
         eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
         prev = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
         out = sampling.ddim_step(sched, eps, t, x, 5, eta, prev=prev, reduction=reduction)
-        # reference: the mean is diffusers' step with zero noise; sigma from the DDIM paper in float64
-        mean = sched.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+        # reference: the DDIM paper's mean and sigma, written out in float64
         prev_t = t - sched.config.num_train_timesteps // 5
         a_t = sched.alphas_cumprod[t].double()
         a_prev = sched.alphas_cumprod[prev_t].double() if prev_t >= 0 else sched.final_alpha_cumprod.double()
         std = float(eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)))
-        # diffusers' own variance (float32, so only to ~1e-4 at the last, tiny-variance step)
-        assert std == pytest.approx(eta * math.sqrt(float(sched._get_variance(t, prev_t))), rel=1e-4)
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
         if std == 0:  # the last step with set_alpha_to_one: deterministic, no density
             assert out.log_prob is None and float(out.std) == 0
             continue

@@ -11,7 +11,7 @@ STEPS  ?=
 SEED   ?=
 ARGS   ?=
 
-.PHONY: setup bench test base-model judge clean-venv
+.PHONY: setup bench test base-model judge base-quality clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ base-model: $(STAMP)
 
 judge: $(STAMP)
 	$(PY) -m bench.judge --out models/tiny-judge
+
+# The base model's prompt fidelity as the judge reads it (the README's table).
+base-quality: $(STAMP)
+	$(PY) -m bench.quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
 
 clean-venv:
 	rm -rf $(VENV)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, live in (("unet", unet), ("text_encoder", text_encoder)):
                 for pe, pl in zip(ema[name].parameters(), live.parameters()):
                     pe.lerp_(pl, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 25 == 0:
             print(f"step {step}/{a.steps} loss {np.mean(losses[-25:]):.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)

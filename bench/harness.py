@@ -71,8 +71,12 @@ class Context:
         self.costs.reward_queries += images.shape[0]
         return self.reward(images, prompts).to(images.device)
 
-    def optimizer(self, params, **kw) -> torch.optim.Optimizer:
-        return self.accelerator.prepare(torch.optim.AdamW(params, **kw))
+    def adamw(self) -> torch.optim.Optimizer:
+        """AdamW over the LoRA weights, from the method's lr, adam_betas, adam_eps and weight_decay."""
+        c = self.method_cfg
+        opt = torch.optim.AdamW(self.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
+                                weight_decay=c.weight_decay)
+        return self.accelerator.prepare(opt)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

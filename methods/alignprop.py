@@ -74,11 +74,8 @@ def validate(cfg) -> None:
 
 class Method:
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.cfg = ctx.method_cfg
-        c = self.cfg
-        self.opt = ctx.optimizer(ctx.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
-                                 weight_decay=c.weight_decay)
+        self.ctx, self.cfg = ctx, ctx.method_cfg
+        self.opt = ctx.adamw()
 
     def loss(self, rewards):
         c = self.cfg

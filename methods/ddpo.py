@@ -101,10 +101,8 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
 class Method:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.method_cfg
-        c = self.cfg
-        self.opt = ctx.optimizer(ctx.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
-                                 weight_decay=c.weight_decay)
-        self.tracker = PerPromptStatTracker(c.stat_buffer, c.stat_min_count)
+        self.opt = ctx.adamw()
+        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
 
     # ---- sampling phase ----------------------------------------------------------------------------
     def collect(self) -> dict:

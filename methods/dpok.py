@@ -88,8 +88,7 @@ class Method:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.method_cfg
         c = self.cfg
-        self.opt = ctx.optimizer(ctx.trainable, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
-                                 weight_decay=c.weight_decay)
+        self.opt = ctx.adamw()
         self.buffer: dict[str, torch.Tensor] = {}
         self.rounds = 0
         self.value = None

@@ -113,7 +113,8 @@ def _context(pipe_dir, method, overrides):
 @pytest.mark.parametrize("method", ["ddpo", "ddpo-sf"])
 def test_importance_ratio_is_exactly_one_before_the_first_update(small_pixel_pipeline_dir, monkeypatch, method):
     ctx = _context(small_pixel_pipeline_dir, method, ["ddpo.samples_per_step=4", "ddpo.sample_batch_size=2",
-                                                       "ddpo.train_batch_size=2", "ddpo.grad_accum=2"])
+                                                       "ddpo.train_batch_size=2", "ddpo.grad_accum=2",
+                                                       "ddpo.timestep_fraction=1.0"])
     m = ddpo.Method(ctx)
     seen = []
     real = ddpo.policy_loss

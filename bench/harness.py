@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -192,8 +193,6 @@ class Run:
     def write_manifest(self, **fields) -> None:
         manifest = {}
         if os.path.isfile(self.path("manifest.json")):
-            import json
-
             with open(self.path("manifest.json")) as f:
                 manifest = json.load(f)
         manifest.update(fields)
@@ -369,8 +368,6 @@ def resume(run_dir: str) -> tuple[str, dict]:
     with open(cfg_path) as f:
         cfg = Config(yaml.safe_load(f))
     run = Run(cfg, run_dir)
-    import json
-
     with open(os.path.join(run_dir, "manifest.json")) as f:
         manifest = json.load(f)
     if manifest.get("status") == "complete":

@@ -79,8 +79,9 @@ def resolve_path(path_or_id: str) -> str:
     """A local folder as is; a Hugging Face repo id through the local cache only."""
     if os.path.isdir(path_or_id):
         return path_or_id
-    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/")) \
-        and not os.path.exists(os.path.dirname(path_or_id) or ".-")
+    # "org/name" whose "org" is not a local folder: a repo id
+    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")) \
+        and not os.path.isdir(path_or_id.split("/")[0])
     if looks_like_id:
         try:
             from huggingface_hub import snapshot_download

@@ -25,6 +25,7 @@ Two samplers share that step:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -51,9 +52,27 @@ def _alphas(scheduler, t, num_steps: int):
     return a_t, a_prev
 
 
-def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
-    a_t, a_prev = _alphas(scheduler, t, num_steps)
+def _sigma(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
     return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+
+
+def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
+    return _sigma(*_alphas(scheduler, t, num_steps), eta)
+
+
+def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) for one stochastic step, drawn on the CPU (reproducible) in the latents' dtype/device."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+@contextlib.contextmanager
+def base_model(unet):
+    """The same UNet with its LoRA adapter switched off: the frozen base model, without a second copy."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std, reduction: str = "mean") -> torch.Tensor:
@@ -115,7 +134,7 @@ def ddim_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor, num_s
         raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported")
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    std = _sigma(a_t, a_prev, eta)
     mean = c(a_prev.sqrt()) * x0 + c((1 - a_prev - std ** 2).clamp(min=0).sqrt()) * eps
     if prev is None:
         prev = mean if noise is None or bool((std == 0).all()) else mean + c(std) * noise
@@ -174,9 +193,7 @@ def sample(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance
     latents, log_probs = [x], []
     for t in timesteps:
         eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
-        noise = None
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        noise = step_noise(x, generator) if eta > 0 else None
         out = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noise, reduction=reduction)
         x = out.prev
         latents.append(x)
@@ -215,9 +232,7 @@ def sample_with_grad(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int
         else:
             with torch.no_grad():
                 eps = guided_eps(pipe.unet, x.detach(), t, cond, uncond, guidance, costs)
-        noise = None
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        noise = step_noise(x, generator) if eta > 0 else None
         x = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noise).prev
     if costs is not None:
         costs.images += x.shape[0]
@@ -235,13 +250,10 @@ def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guid
     total = torch.zeros(x.shape[0], dtype=torch.float64)
     for t in set_timesteps(pipe.scheduler, num_steps):
         out = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x, num_steps,
-                        eta, noise=torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype))
-        pipe.unet.disable_adapters()
-        try:
-            base = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x,
+                        eta, noise=step_noise(x, generator))
+        with base_model(pipe.unet) as base_unet:
+            base = ddim_step(pipe.scheduler, guided_eps(base_unet, x, t, cond, uncond, guidance), int(t), x,
                              num_steps, eta)
-        finally:
-            pipe.unet.enable_adapters()
         if bool((out.std > 0).all()):
             total += gaussian_kl(out.mean, base.mean, out.std, "sum").double().cpu()
         x = out.prev

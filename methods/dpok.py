@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, gaussian_kl, guided_eps, sample
+from bench.advantages import batch_normalise
+from bench.sampling import LOGPROB_REDUCTIONS, base_model, ddim_step, gaussian_kl, guided_eps, sample
 
 NAME_KEY = "dpok"
 NEEDS_DIFFERENTIABLE_REWARD = False
@@ -135,7 +136,7 @@ class Method:
             with torch.no_grad():
                 return r[idx] - self.value(*self._value_inputs(idx)).cpu()
         if self.cfg.baseline == "batch":
-            return (r[idx] - r.mean()) / (r.std(unbiased=False) + 1e-6)
+            return batch_normalise(r)[idx]
         return r[idx]
 
     def step(self) -> dict:
@@ -161,10 +162,8 @@ class Method:
                 ratio = torch.exp(out.log_prob - b["log_prob"])
                 adv = self.advantages(idx).to(ratio.device)
                 loss = -(c.reward_weight * adv * torch.clamp(ratio, 1 - c.ratio_clip, 1 + c.ratio_clip)).mean()
-                with torch.no_grad():  # the pretrained policy's mean: same UNet, adapter off
-                    unet.disable_adapters()
-                    eps_pre = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs)
-                    unet.enable_adapters()
+                with torch.no_grad(), base_model(unet) as base_unet:  # the pretrained policy's mean
+                    eps_pre = guided_eps(base_unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs)
                     mean_pre = ddim_step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], s.num_steps, s.eta).mean
                 kl = gaussian_kl(out.mean, mean_pre, out.std, c.logprob_reduction)
                 if kl_on:

@@ -51,5 +51,5 @@ def test_saturation_values_and_gradient():
 
 
 def test_unknown_reward_names_what_is_accepted():
-    with pytest.raises(BenchError, match="unknown reward 'aesthetics'.*accepted: jpeg-compressibility"):
+    with pytest.raises(BenchError, match="unknown reward 'aesthetics'.*accepted: aesthetic, .*jpeg-compressibility.*package.module:Class"):
         get_reward("aesthetics")

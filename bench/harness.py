@@ -54,6 +54,7 @@ class Context:
     costs: Costs
     accelerator: object
     trainable: list[torch.nn.Parameter]
+    reward_terms: dict = dataclasses.field(default_factory=dict)
 
     @property
     def method_cfg(self) -> Config:
@@ -70,7 +71,16 @@ class Context:
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.costs.reward_queries += images.shape[0]
-        return self.reward(images, prompts).to(images.device)
+        scores = self.reward(images, prompts).to(images.device)
+        for name, s in getattr(self.reward, "last_terms", {}).items():  # a weighted sum: each term on its own
+            self.reward_terms.setdefault(name, []).append(s.detach().float().cpu())
+        return scores
+
+    def pop_reward_terms(self) -> dict:
+        """Mean of each term of a weighted-sum reward over this step's queries (``reward/<name>``)."""
+        out = {f"reward/{k}": float(torch.cat(v).mean()) for k, v in self.reward_terms.items()}
+        self.reward_terms.clear()
+        return out
 
     def adamw(self) -> torch.optim.Optimizer:
         """AdamW over the LoRA weights, from the method's lr, adam_betas, adam_eps and weight_decay."""
@@ -155,6 +165,8 @@ class Run:
         if self.module.NEEDS_DIFFERENTIABLE_REWARD and not self.reward.differentiable:
             raise BenchError(f"method {cfg.method!r} backpropagates the reward, but reward {cfg.reward!r} is not "
                              "differentiable; use a differentiable reward or a policy-gradient method")
+        # held-out metrics: rewards scored on the eval images but never trained on (reward hacking shows here)
+        self.heldout = {spec: get_reward(spec) for spec in cfg.eval.metrics if spec != cfg.reward}
         self.train_prompts = load_prompts(cfg.train_prompts)
         self.eval_prompts = load_prompts(cfg.eval_prompts)
         if cfg.threads:
@@ -165,6 +177,9 @@ class Run:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self.accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision)
         self.pipe = load_pipeline(project_path(cfg.model), device=self.accelerator.device, dtype=dtype)
+        for r in [self.reward, *self.heldout.values()]:
+            if hasattr(r, "to"):
+                r.to(self.accelerator.device)
         self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
         if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
             from bench import world
@@ -246,9 +261,16 @@ class Run:
             images.append(traj.images.float().cpu())
             prompts += [p] * ec.num_seeds
         images = torch.cat(images)
-        r = self.reward(images, prompts).float().cpu().numpy()
+        on_device = images.to(self.accelerator.device)
+        r = self.reward(on_device, prompts).float().cpu().numpy()
         out = {"eval_reward_mean": float(r.mean()), "eval_reward_std": float(r.std(ddof=1)),
                "eval_reward_sem": float(r.std(ddof=1) / math.sqrt(len(r)))}
+        for name, s in getattr(self.reward, "last_terms", {}).items():
+            out[f"eval_reward/{name}"] = float(s.float().mean())
+        for spec, metric in self.heldout.items():
+            m = metric(on_device, prompts).float().cpu().numpy()
+            out[f"eval_{spec}_mean"] = float(m.mean())
+            out[f"eval_{spec}_sem"] = float(m.std(ddof=1) / math.sqrt(len(m)))
         if self.judge is not None:
             fid = self.judge.fidelity(images, prompts)
             out["fidelity"] = float(fid["all"].mean())
@@ -268,7 +290,7 @@ class Run:
 
     def record(self, metrics: dict, eval_metrics: dict | None) -> None:
         c = self.ctx.costs
-        row = {"step": self.step, **metrics, **(eval_metrics or {}), "images": c.images,
+        row = {"step": self.step, **metrics, **self.ctx.pop_reward_terms(), **(eval_metrics or {}), "images": c.images,
                "reward_queries": c.reward_queries, "unet_fwd": c.unet_fwd, "unet_bwd": c.unet_bwd,
                "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device)}
         self.rows.append(row)

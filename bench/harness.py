@@ -60,9 +60,13 @@ class Context:
     def method_cfg(self) -> Config:
         return getattr(self.cfg, self.cfg.method_key)
 
-    def draw_prompts(self, n: int) -> list[str]:
-        idx = torch.randint(0, len(self.train_prompts), (n,), generator=self.generator)
-        return [self.train_prompts[i] for i in idx.tolist()]
+    def draw_prompts(self, n: int, distinct: int = 0) -> list[str]:
+        """n training prompts drawn with replacement; with ``distinct`` = k > 0, k prompts each repeated n / k
+        times in a row (groups of samples per prompt, for per-prompt advantages within the round)."""
+        if not distinct:
+            idx = torch.randint(0, len(self.train_prompts), (n,), generator=self.generator)
+            return [self.train_prompts[i] for i in idx.tolist()]
+        return [p for p in self.draw_prompts(distinct) for _ in range(n // distinct)]
 
     def noise(self, n: int) -> torch.Tensor:
         from bench.sampling import initial_noise

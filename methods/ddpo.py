@@ -41,6 +41,7 @@ ESTIMATORS = ("is", "sf")
 DEFAULTS = {
     "estimator": "is",           # is (PPO-clipped importance sampling) | sf (score function / REINFORCE)
     "samples_per_step": 16,      # trajectories per sampling round
+    "prompts_per_step": 0,       # 0: every trajectory draws its own prompt (DDPO); k: k prompts x samples/k each
     "sample_batch_size": 8,
     "train_batch_size": 4,
     "grad_accum": 2,             # minibatches per optimizer update (x every kept timestep)
@@ -62,8 +63,9 @@ DEFAULTS = {
 
 def variant(cfg) -> str:
     d = cfg[NAME_KEY]
-    return f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}" + (
-        "/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
+    return (f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}"
+            + ("/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
+            + (f"/{d['prompts_per_step']}-prompts-per-round" if d["prompts_per_step"] else ""))
 
 
 def validate(cfg) -> None:
@@ -83,6 +85,9 @@ def validate(cfg) -> None:
     if d["estimator"] == "sf" and (d["inner_epochs"] != 1 or n != tb * d["grad_accum"]):
         raise BenchError("DDPO-SF makes one on-policy update per sampling round: set ddpo.inner_epochs=1 and "
                          "ddpo.train_batch_size x ddpo.grad_accum = ddpo.samples_per_step")
+    if d["prompts_per_step"] < 0 or (d["prompts_per_step"] and n % d["prompts_per_step"]):
+        raise BenchError(f"ddpo.prompts_per_step ({d['prompts_per_step']}) must divide ddpo.samples_per_step ({n}); "
+                         "accepted: 0 (a prompt per sample) or a divisor")
     if not 0 < d["timestep_fraction"] <= 1:
         raise BenchError("ddpo.timestep_fraction must be in (0, 1]")
 
@@ -108,8 +113,9 @@ class Method:
     def collect(self) -> dict:
         ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
         parts = []
-        for _ in range(c.samples_per_step // c.sample_batch_size):
-            prompts = ctx.draw_prompts(c.sample_batch_size)
+        round_prompts = ctx.draw_prompts(c.samples_per_step, c.prompts_per_step)
+        for b in range(0, c.samples_per_step, c.sample_batch_size):
+            prompts = round_prompts[b:b + c.sample_batch_size]
             traj = sample(ctx.pipe, prompts, ctx.noise(c.sample_batch_size), s.num_steps, s.guidance, s.eta,
                           generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
             parts.append((prompts, traj, ctx.score(traj.images, prompts).float().cpu()))

@@ -4,6 +4,13 @@
     python -m bench run --resume RUN_DIR
     python -m bench list
     python -m bench compare RUN_DIR ... --metric kl_to_base --x images --out kl.png
+    python -m bench compare [RUNS...] [--method M ...] [--reward R] [--tag T] --out-dir DIR [--grid FILE]
+    python -m bench sweep --methods alignprop ddpo --seeds 0 1 2 [--reward R] [--set K=V] [--root DIR] [--file F]
+    python -m bench table [RUNS...] [--method M ...] --out STEM [--threshold T]   # STEM.md, .tex, .csv
+    python -m bench report [RUNS...] [--method M ...] --out report.html
+    python -m bench regress [--methods M ...] [--update [--seeds S ...] [--set K=V]]
+
+RUNS are run folders or folders holding them (results/runs, a sweep folder; default results/runs).
 
 Bad input ends with one line ``error: ...`` naming what is wrong and what is accepted (exit 2);
 nothing is written before the whole run has been checked.
@@ -11,6 +18,7 @@ nothing is written before the whole run has been checked.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bench.errors import BenchError
@@ -37,13 +45,59 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     r.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides")
     sub.add_parser("list", help="methods, rewards and prompt sets")
-    c = sub.add_parser("compare", help="curves of several runs on one figure")
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c = sub.add_parser("compare", help="curves of several runs (a line per method, +/- 1 SE over seeds), grids")
+    _selection(c)
     c.add_argument("--metric", action="append", help="metric column(s) (default eval_reward_mean)")
-    c.add_argument("--x", default="step", help="step | images | reward_queries | unet_fwd | unet_bwd | wall_time")
-    c.add_argument("--out", required=True, help="PNG or SVG file")
+    c.add_argument("--x", default="step",
+                   help="step | images | reward_queries | unet_passes | unet_fwd | unet_bwd | wall_time")
+    c.add_argument("--out", help="one PNG or SVG file, every metric a panel")
+    c.add_argument("--out-dir", help="one figure per metric, PNG and SVG, paper column width")
+    c.add_argument("--grid", metavar="FILE", help="side-by-side sample grid (PNG): base model + a row per method")
+    c.add_argument("--grid-step", type=int, help="step of the grid (default: each run's final step)")
+    c.add_argument("--grid-seed", type=int, default=0, help="which eval seed's samples (index, default 0)")
     c.add_argument("--title", default="")
+    s = sub.add_parser("sweep", help="a grid of method x reward x seed into the store; skips finished runs")
+    s.add_argument("--methods", nargs="+", help="methods (see 'bench list')")
+    s.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0)")
+    s.add_argument("--reward", "--rewards", dest="rewards", nargs="+", help="reward(s) (default: each preset's)")
+    s.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (a method's own section applies to it only)")
+    s.add_argument("--root", help="sweep folder (default results/sweeps/default)")
+    s.add_argument("--file", help="sweep YAML: methods, seeds, rewards, set, root")
+    t = sub.add_parser("table", help="paper table: Markdown, LaTeX (booktabs) and CSV")
+    _selection(t)
+    t.add_argument("--out", required=True, metavar="STEM", help="writes STEM.md, STEM.tex, STEM.csv")
+    t.add_argument("--threshold", type=float, help="eval reward to reach (default: halfway base -> best)")
+    h = sub.add_parser("report", help="one self-contained HTML page: curves, table, grids, run configs")
+    _selection(h)
+    h.add_argument("--out", required=True, help="HTML file")
+    h.add_argument("--metric", action="append", help="curves to show (default: eval reward + held-out metrics)")
+    h.add_argument("--x", default="step")
+    h.add_argument("--grid-step", type=int)
+    h.add_argument("--threshold", type=float)
+    h.add_argument("--title", default="DiffAlign report")
+    g = sub.add_parser("regress", help="rerun short configs and check their curves against results/baselines/")
+    g.add_argument("--methods", nargs="+", help="default: every method with a baseline (--update: every method)")
+    g.add_argument("--update", action="store_true", help="record the baselines anew (commit what it writes)")
+    g.add_argument("--seeds", nargs="+", type=int, help="check: default the baseline's first seed; update: 0 1 2")
+    g.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="with --update: more overrides of the short config (stored in the baseline)")
+    g.add_argument("--baselines", default=os.path.join("results", "baselines"))
+    g.add_argument("--out", default=os.path.join("results", "regress"), help="where the plots go")
     return p
+
+
+def _selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="RUNS", help="run folders or folders holding them (default results/runs)")
+    p.add_argument("--method", nargs="+", action="extend", help="only these methods")
+    p.add_argument("--reward", nargs="+", action="extend", help="only these rewards")
+    p.add_argument("--tag", nargs="+", action="extend", help="only runs with these tags")
+
+
+def _select(args, complete_only: bool):
+    from bench.compare import select_runs
+
+    return select_runs(args.runs, args.method, args.reward, args.tag, complete_only=complete_only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +113,26 @@ def main(argv: list[str] | None = None) -> int:
             print("prompt sets:", ", ".join(available()))
             return 0
         if args.cmd == "compare":
-            from bench.compare import plot_metrics
+            return _compare(args)
+        if args.cmd == "sweep":
+            from bench import sweep
 
-            plot_metrics(args.runs, args.metric or ["eval_reward_mean"], args.x, args.out, args.title)
-            print(f"wrote {args.out}")
+            return sweep.main(args)
+        if args.cmd == "table":
+            from bench.table import write
+
+            for path in write(_select(args, complete_only=True), args.out, args.threshold):
+                print(f"wrote {path}")
             return 0
+        if args.cmd == "report":
+            from bench.report import write_report
+
+            print(f"wrote {write_report(_select(args, True), args.out, args.metric, args.x, args.grid_step, args.threshold, args.title)}")
+            return 0
+        if args.cmd == "regress":
+            from bench import regress
+
+            return regress.main(args)
         from bench import harness
 
         if args.resume:
@@ -86,6 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _compare(args) -> int:
+    from bench.compare import plot_curves, plot_metrics, side_by_side
+
+    if not (args.out or args.out_dir or args.grid):
+        raise BenchError("compare needs --out FILE (one figure), --out-dir DIR (a figure per metric) or --grid FILE")
+    runs = _select(args, complete_only=False)
+    metrics = args.metric or ["eval_reward_mean"]
+    if args.out:
+        plot_metrics([r.path for r in runs], metrics, args.x, args.out, args.title)
+        print(f"wrote {args.out}")
+    if args.out_dir:
+        for path in plot_curves(runs, metrics, args.x, args.out_dir, args.title):
+            print(f"wrote {path}")
+    if args.grid:
+        print(f"wrote {side_by_side(runs, args.grid, args.grid_step, args.grid_seed)}")
+    return 0
 
 
 def summary_line(method: str, s: dict, run_dir: str) -> str:

@@ -1,0 +1,203 @@
+"""Sweeps: a grid of method x reward x seed, run into the store, resumable.
+
+    python -m bench sweep --methods alignprop ddpo --seeds 0 1 2 --reward saturation [--set k=v ...] [--root DIR]
+    python -m bench sweep --file sweep.yaml        # keys: methods, seeds, rewards (or reward), set, root
+
+A run's identity is a hash of its resolved config (``bench.config.resolve(method, overrides)``): the
+same resolved config is the same run, and its folder is ``<root>/<method>-<reward>-seed<S>-<hash>``.
+So running a sweep again
+
+- skips every run whose manifest says ``complete``,
+- resumes (``bench.harness.resume``) every run that was interrupted (manifest ``running``), from its
+  last checkpoint, and
+- starts the runs that have no folder yet,
+
+which makes an interrupted sweep continue where it stopped.  A ``--set`` override whose first key is
+another method's section (``alignprop.lr=...`` in a sweep that also runs ``ddpo``) applies to that
+method only.  ``<root>/sweep.json`` lists the sweep's runs and their status (what ``bench compare``,
+``table`` and ``report`` read when given the sweep folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+
+import yaml
+
+from bench import store
+from bench.errors import BenchError
+
+SWEEP_CRASH_RUN_ENV = "DIFFALIGN_SWEEP_CRASH_RUN"  # tests: the harness's crash env applies to this run only (1-based)
+DEFAULT_ROOT = os.path.join(store.RESULTS_ROOT, "sweeps", "default")
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    method: str
+    reward: str
+    seed: int
+    cfg: dict
+    run_id: str
+    run_dir: str
+
+
+def config_hash(cfg: dict) -> str:
+    """The run's identity: a hash of its resolved config (the harness's own additions left out)."""
+    plain = {k: v for k, v in dict(cfg).items() if k not in ("variant", "method_key")}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _method_sections() -> dict[str, str]:
+    from methods import METHODS, get_method
+
+    return {m: get_method(m).NAME_KEY for m in METHODS}
+
+
+def overrides_for(method: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to ``method``: all but those addressed to another method's section."""
+    sections = _method_sections()
+    own = sections[method]
+    others = set(sections.values()) - {own}
+    return [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] not in others]
+
+
+def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: list[str], root: str) -> list[PlannedRun]:
+    """Resolve every run of the grid (bad input fails here, before anything runs)."""
+    from bench.config import resolve
+    from methods import get_method
+
+    if not methods:
+        raise BenchError("a sweep needs --methods (one or more); see 'python -m bench list'")
+    for m in methods:
+        get_method(m)  # unknown method -> one clear line
+    runs = []
+    for reward in rewards or [None]:
+        for method in methods:
+            for seed in seeds or [0]:
+                extra = [f"seed={seed}"] + ([f"reward={reward}"] if reward else [])
+                cfg = resolve(method, overrides_for(method, overrides) + extra)
+                run_id = config_hash(cfg)
+                name = store_name(f"{method}-{cfg['reward']}-seed{seed}-{run_id}")
+                runs.append(PlannedRun(method, cfg["reward"], seed, cfg, run_id, os.path.join(root, name)))
+    return runs
+
+
+def store_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def status_of(run_dir: str) -> str:
+    """'new' (no run there yet), 'complete' or 'interrupted'."""
+    path = os.path.join(run_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return "new"
+    with open(path) as f:
+        return "complete" if json.load(f).get("status") == "complete" else "interrupted"
+
+
+def _check_identity(run: PlannedRun) -> None:
+    path = os.path.join(run.run_dir, "config.yaml")
+    if os.path.isfile(path):
+        with open(path) as f:
+            held = config_hash(yaml.safe_load(f))
+        if held != run.run_id:
+            raise BenchError(f"run folder {run.run_dir!r} holds another config (hash {held}, expected {run.run_id}); "
+                             "accepted: a folder written by this sweep, or remove it")
+
+
+def write_index(root: str, runs: list[PlannedRun], outcome: dict[str, str]) -> None:
+    """``<root>/sweep.json``: every run the sweeps into this root planned, merged with earlier sweeps."""
+    path = os.path.join(root, "sweep.json")
+    index = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            index = {r["run_id"]: r for r in json.load(f).get("runs", [])}
+    for r in runs:
+        index[r.run_id] = {"run_id": r.run_id, "method": r.method, "reward": r.reward, "seed": r.seed,
+                           "dir": os.path.basename(r.run_dir), "status": outcome.get(r.run_id, status_of(r.run_dir))}
+    store.atomic_write_json(path, {"runs": sorted(index.values(), key=lambda r: (r["reward"], r["method"], r["seed"]))})
+
+
+def run_sweep(runs: list[PlannedRun], root: str, log=print) -> dict[str, str]:
+    """Run (or skip, or resume) every planned run in order; returns run_id -> outcome."""
+    from bench import harness
+
+    for r in runs:
+        _check_identity(r)
+    os.makedirs(root, exist_ok=True)
+    outcome: dict[str, str] = {}
+    write_index(root, runs, outcome)
+    crash_step = os.environ.get(harness.CRASH_ENV)
+    crash_run = os.environ.get(SWEEP_CRASH_RUN_ENV)
+    for i, r in enumerate(runs, 1):
+        if crash_run is not None:  # tests: only the chosen run is killed by the harness's crash switch
+            if i == int(crash_run) and crash_step:
+                os.environ[harness.CRASH_ENV] = crash_step
+            else:
+                os.environ.pop(harness.CRASH_ENV, None)
+        what = f"[{i}/{len(runs)}] {r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)})"
+        state = status_of(r.run_dir)
+        try:
+            if state == "complete":
+                log(f"{what}: complete, skipped")
+                outcome[r.run_id] = "complete"
+                continue
+            if state == "interrupted":
+                log(f"{what}: interrupted, resuming")
+                harness.resume(r.run_dir)
+            else:
+                log(f"{what}: running")
+                harness.start(r.cfg, r.run_dir)
+            outcome[r.run_id] = "complete"
+        except BenchError as e:  # e.g. a method that needs a differentiable reward: this run only
+            log(f"{what}: refused: {e}")
+            outcome[r.run_id] = f"refused: {e}"
+        write_index(root, runs, outcome)
+    return outcome
+
+
+def load_file(path: str) -> dict:
+    """A sweep YAML: ``methods``, ``seeds``, ``rewards`` (or ``reward``), ``set`` (list of KEY=VALUE), ``root``."""
+    if not os.path.isfile(path):
+        raise BenchError(f"sweep file {path!r} does not exist; accepted: a YAML file with methods, seeds, rewards, set")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise BenchError(f"sweep file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    accepted = {"methods", "seeds", "rewards", "reward", "set", "root"}
+    if not isinstance(data, dict) or set(data) - accepted:
+        bad = sorted(set(data) - accepted) if isinstance(data, dict) else data
+        raise BenchError(f"sweep file {path!r}: unknown keys {bad}; accepted: {', '.join(sorted(accepted))}")
+    if "reward" in data:
+        data["rewards"] = [data.pop("reward")]
+    for key in ("methods", "seeds", "rewards", "set"):
+        if key in data and not isinstance(data[key], list):
+            data[key] = [data[key]]
+    return data
+
+
+def main(args) -> int:
+    """``bench sweep``: the command line's values win over the sweep file's."""
+    spec = load_file(args.file) if args.file else {}
+    methods = args.methods or spec.get("methods") or []
+    seeds = args.seeds if args.seeds is not None else spec.get("seeds", [0])
+    rewards = args.rewards or spec.get("rewards") or []
+    overrides = [str(o) for o in spec.get("set", [])] + list(args.overrides)
+    root = args.root or spec.get("root") or DEFAULT_ROOT
+    try:
+        seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise BenchError(f"seeds {seeds!r}; accepted: integers") from None
+    runs = plan(methods, seeds, rewards, overrides, root)
+    outcome = run_sweep(runs, root)
+    done = sum(v == "complete" for v in outcome.values())
+    refused = [k for k, v in outcome.items() if v != "complete"]
+    print(f"sweep: {done}/{len(runs)} runs complete in {root}" + (f"; {len(refused)} refused" if refused else ""),
+          file=sys.stdout)
+    if done == 0:
+        raise BenchError(f"every run of the sweep was refused (see the lines above); nothing was run in {root}")
+    return 0

@@ -10,7 +10,12 @@ REWARD ?=
 STEPS  ?=
 SEED   ?=
 ARGS   ?=
+METHODS ?=
+SEEDS  ?= 0 1 2
+SWEEP  ?= results/sweeps/default
+OUT    ?= docs/paper
 
+.PHONY: sweep paper regress baselines
 .PHONY: setup bench test base-model judge base-quality clean-venv
 
 setup: $(STAMP)
@@ -28,6 +33,30 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# A grid of method x seed (x reward) into one sweep folder; finished runs are skipped, killed ones resumed.
+#   make sweep METHODS="alignprop ddpo" SEEDS="0 1 2" REWARD=saturation [SWEEP=results/sweeps/NAME] [ARGS="--set steps=10"]
+sweep: $(STAMP)
+	$(PY) -m bench sweep --methods $(if $(METHODS),$(METHODS),$(METHOD)) --seeds $(SEEDS) $(if $(REWARD),--reward $(REWARD)) \
+		--root $(SWEEP) $(ARGS)
+
+# Every figure and table the README shows, from a sweep folder: make paper SWEEP=results/sweeps/NAME [OUT=docs/paper]
+paper: $(STAMP)
+	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --metric fidelity --metric kl_to_base --x step
+	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x reward_queries
+	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x unet_passes
+	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x wall_time
+	$(PY) -m bench compare $(SWEEP) $(if $(REWARD),--reward $(REWARD)) --grid $(OUT)/grid.png
+	$(PY) -m bench table $(SWEEP) --out $(OUT)/table
+	$(PY) -m bench report $(SWEEP) --out $(OUT)/report.html
+
+# CI regression of reward curves against results/baselines/ (what .ci/run does after the tests).
+regress: $(STAMP)
+	$(PY) -m bench regress $(if $(METHODS),--methods $(METHODS)) $(ARGS)
+
+# Record the baselines anew (deliberately; commit results/baselines/*.json afterwards).
+baselines: $(STAMP)
+	$(PY) -m bench regress --update $(if $(METHODS),--methods $(METHODS)) $(ARGS)
 
 # Recipes for the committed tiny-world weights (CPU: about an hour; a GPU: minutes).
 base-model: $(STAMP)

@@ -1,0 +1,148 @@
+"""CI regression of reward curves: a baseline over seeds with its band; a deliberately broken method
+(AlignProp's loss sign flipped, monkeypatched here, methods/ untouched) fails naming method and metric;
+NaN is caught; the unbroken code passes.  Also the optional trackers' interface."""
+import contextlib
+import io
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from bench import cli, regress, trackers
+from bench.errors import BenchError
+
+
+@pytest.fixture(scope="module")
+def baselines(small_pixel_pipeline_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("regress")
+    prompts = tmp / "eval.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    small = [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "eval.num_steps=2", "sampler.num_steps=2",
+             "alignprop.batch_size=2", "alignprop.truncation=full", "alignprop.lr=0.05"]
+    directory = str(tmp / "baselines")
+    code, out = run_cli(["regress", "--update", "--methods", "alignprop", "--seeds", "0", "1", "2",
+                         "--baselines", directory, "--set"] + small)
+    assert code == 0, out
+    return directory, str(tmp / "plots")
+
+
+def run_cli(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli.main(argv)
+    return code, buf.getvalue()
+
+
+def test_baseline_holds_curves_over_seeds_and_the_band_rule(baselines):
+    directory, _ = baselines
+    base = json.load(open(os.path.join(directory, "alignprop.json")))
+    assert base["seeds"] == [0, 1, 2] and "steps=4" in base["overrides"] and base["variant"] == "alignprop/full"
+    c = base["curves"]["eval_reward_mean"]
+    assert c["step"] == [0, 2, 4] and len(c["per_seed"]) == 3
+    per_seed = np.array(c["per_seed"])
+    assert np.ptp(per_seed[:, 0]) < 1e-6  # step 0 is the base model for every seed
+    mean, std = per_seed.mean(0), per_seed.std(0, ddof=1)
+    half = np.maximum.reduce([3 * std, np.full(3, 1e-3), 0.02 * np.abs(mean)])
+    assert np.allclose(c["lower"], mean - half) and np.allclose(c["upper"], mean + half)
+    assert base["curves"]["fidelity"]["upper"][0] - base["curves"]["fidelity"]["mean"][0] == pytest.approx(1.01 / 4)
+    assert "reward_mean" in base["finite"] and 0 not in base["finite"]["reward_mean"]
+
+
+def test_unbroken_code_passes(baselines):
+    directory, plots = baselines
+    code, out = run_cli(["regress", "--baselines", directory, "--out", plots])
+    assert code == 0, out
+    assert "regress: alignprop ok" in out and os.path.getsize(os.path.join(plots, "alignprop.png")) > 1000
+
+
+def test_flipped_alignprop_loss_fails_naming_method_and_metric(baselines, monkeypatch, capsys):
+    import methods.alignprop as alignprop
+
+    directory, plots = baselines
+    loss = alignprop.Method.loss
+    monkeypatch.setattr(alignprop.Method, "loss", lambda self, rewards: -loss(self, rewards))
+    code, out = run_cli(["regress", "--methods", "alignprop", "--baselines", directory, "--out", plots])
+    assert code == 1
+    line = [x for x in out.splitlines() if x.startswith("alignprop: eval_reward_mean")]
+    assert len(line) == 1 and re.match(r"alignprop: eval_reward_mean at step \d = [-\d.]+ below band \[", line[0]), out
+    value, lo = map(float, re.findall(r"= ([-\d.e]+) below band \[([-\d.e]+),", line[0])[0])
+    assert value < lo
+    assert "curve(s) left their band" in capsys.readouterr().err
+
+
+def test_a_metric_that_becomes_nan_fails(baselines, monkeypatch):
+    import methods.alignprop as alignprop
+
+    directory, plots = baselines
+    step = alignprop.Method.step
+
+    def nan_step(self):
+        out = step(self)
+        return {**out, "reward_mean": math.nan} if self.ctx.costs.images > 4 else out
+
+    monkeypatch.setattr(alignprop.Method, "step", nan_step)
+    code, out = run_cli(["regress", "--methods", "alignprop", "--baselines", directory, "--out", plots])
+    assert code == 1 and "alignprop: reward_mean became NaN (or went missing) at step 3" in out, out
+
+
+def test_regress_bad_input(baselines, capsys, tmp_path):
+    directory, _ = baselines
+    assert cli.main(["regress", "--methods", "ddpo", "--baselines", directory]) == 2
+    assert "no baseline for ddpo" in capsys.readouterr().err
+    assert cli.main(["regress", "--set", "steps=2", "--baselines", directory]) == 2
+    assert "--set only applies with --update" in capsys.readouterr().err
+    code, out = run_cli(["regress", "--baselines", str(tmp_path / "none")])
+    assert code == 0 and "no baselines under" in out
+
+
+class FakeTracker:
+    def __init__(self, log):
+        self.calls = log
+
+    def start(self):
+        self.calls.append(("start",))
+
+    def store_init_configuration(self, values):
+        self.calls.append(("config", values))
+
+    def log(self, values, step):
+        self.calls.append(("log", values, step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_trackers_check_packages_and_mirror_finite_numbers(monkeypatch, tmp_path):
+    with pytest.raises(BenchError, match="unknown tracker 'mlflow'; accepted: tensorboard, wandb"):
+        trackers.Trackers(["mlflow"], str(tmp_path))
+    for name, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if not trackers._installed(*trackers.BACKENDS[name][0]):
+            with pytest.raises(BenchError, match=f"tracker '{name}' needs the '{package}' package"):
+                trackers.Trackers([name], str(tmp_path))
+    calls = []
+    monkeypatch.setitem(trackers.BACKENDS, "tensorboard", (("json",), "", lambda run_dir: FakeTracker(calls)))
+    t = trackers.Trackers(["tensorboard"], str(tmp_path), config={"method": "alignprop", "eval": {"every": 10}})
+    assert calls == []  # nothing starts before the first row
+    t.log({"step": 3, "reward_mean": 0.5, "images": 24, "eval_reward_mean": math.nan, "variant": "x", "ok": True}, 3)
+    t.close()
+    assert calls == [("start",), ("config", {"method": "alignprop", "eval.every": 10}),
+                     ("log", {"reward_mean": 0.5, "images": 24.0}, 3), ("finish",)]
+    trackers.Trackers([], str(tmp_path)).log({"a": 1.0}, 1)  # none asked: a no-op
+
+
+
+def test_tensorboard_tracker_writes_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = trackers.Trackers(["tensorboard"], str(tmp_path), config={"method": "alignprop"})
+    for step in range(3):
+        t.log({"step": step, "reward_mean": 0.1 * step, "eval_reward_mean": math.nan if step == 1 else 0.2}, step)
+    t.close()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, round(e.value, 3)) for e in ea.Scalars("reward_mean")] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert [e.step for e in ea.Scalars("eval_reward_mean")] == [0, 2]

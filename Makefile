@@ -46,7 +46,7 @@ paper: $(STAMP)
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x reward_queries
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x unet_passes
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x wall_time
-	$(PY) -m bench compare $(SWEEP) $(if $(REWARD),--reward $(REWARD)) --grid $(OUT)/grid.png
+	$(PY) -m bench compare $(SWEEP) --grid $(OUT)/grid.png
 	$(PY) -m bench table $(SWEEP) --out $(OUT)/table
 	$(PY) -m bench report $(SWEEP) --out $(OUT)/report.html
 

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args) -> int:
-    from bench.compare import plot_curves, plot_metrics, side_by_side
+    from bench.compare import plot_curves, plot_metrics, safe_name, side_by_side
 
     if not (args.out or args.out_dir or args.grid):
         raise BenchError("compare needs --out FILE (one figure), --out-dir DIR (a figure per metric) or --grid FILE")
@@ -170,8 +170,11 @@ def _compare(args) -> int:
     if args.out_dir:
         for path in plot_curves(runs, metrics, args.x, args.out_dir, args.title):
             print(f"wrote {path}")
-    if args.grid:
-        print(f"wrote {side_by_side(runs, args.grid, args.grid_step, args.grid_seed)}")
+    if args.grid:  # one grid per reward: FILE, or FILE's stem + __<reward>.png when there are several
+        rewards = sorted({r.reward for r in runs})
+        for reward in rewards:
+            out = args.grid if len(rewards) == 1 else f"{os.path.splitext(args.grid)[0]}__{safe_name(reward)}.png"
+            print(f"wrote {side_by_side([r for r in runs if r.reward == reward], out, args.grid_step, args.grid_seed)}")
     return 0
 
 

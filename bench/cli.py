@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             from bench.report import write_report
 
-            print(f"wrote {write_report(_select(args, True), args.out, args.metric, args.x, args.grid_step, args.threshold, args.title)}")
+            page = write_report(_select(args, complete_only=True), args.out, args.metric, args.x, args.grid_step,
+                                args.threshold, args.title)
+            print(f"wrote {page}")
             return 0
         if args.cmd == "regress":
             from bench import regress

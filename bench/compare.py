@@ -31,6 +31,8 @@ X_AXES = ("step", "images", "reward_queries", "unet_passes", "unet_fwd", "unet_b
 X_LABELS = {"step": "optimizer step", "images": "images generated", "reward_queries": "reward queries",
             "unet_passes": "UNet passes (fwd + bwd)", "unet_fwd": "UNet forward passes",
             "unet_bwd": "UNet backward passes", "wall_time": "wall-clock time (s)"}
+Y_LABELS = {"eval_reward_mean": "eval reward (held-out prompts)", "fidelity": "prompt fidelity (judge)",
+            "kl_to_base": "KL to base model (nats)"}
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
 
 
@@ -210,7 +212,7 @@ def plot_curves(runs: list[RunData], metrics: list[str], x: str, out_dir: str, t
                     plt.close(fig)
                     continue
                 ax.set_xlabel(X_LABELS[x])
-                ax.set_ylabel(m)
+                ax.set_ylabel(Y_LABELS.get(m, m))
                 ax.set_title(title or (f"{m} on {reward}" if len(rewards) > 1 else m))
                 ax.legend(frameon=False)
                 ax.grid(alpha=0.3, lw=0.5)

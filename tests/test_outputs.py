@@ -27,7 +27,8 @@ def small_sweep_args(pipe_dir, prompts_file):
 
 
 def _mtimes(run_dir):
-    return {f: os.stat(os.path.join(run_dir, f)).st_mtime_ns for f in ("manifest.json", "metrics.parquet", "summary.json")}
+    names = ("manifest.json", "metrics.parquet", "summary.json")
+    return {f: os.stat(os.path.join(run_dir, f)).st_mtime_ns for f in names}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_curves_one_figure_per_metric_png_and_svg(swept, tmp_path):
     members = [r for r in runs if r.method == "alignprop"]
     xs, mean, se, n = compare.mean_curve(members, "eval_reward_mean", "unet_passes")
     finals = [r.df["eval_reward_mean"].dropna().iloc[-1] for r in members]
-    assert n == 2 and mean[-1] == pytest.approx(np.mean(finals)) and se[-1] == pytest.approx(np.std(finals, ddof=1) / 2 ** 0.5)
+    assert n == 2 and mean[-1] == pytest.approx(np.mean(finals))
+    assert se[-1] == pytest.approx(np.std(finals, ddof=1) / 2 ** 0.5)
     passes = members[0].df["unet_fwd"] + members[0].df["unet_bwd"]
     assert xs[-1] == passes.iloc[-1] > 0
     out = tmp_path / "curves"

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from bench import cli, regress, trackers
+from bench import cli, trackers
 from bench.errors import BenchError
 
 

@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/default
 OUT    ?= docs/paper
 
 .PHONY: sweep paper regress baselines
-.PHONY: setup bench test base-model judge base-quality clean-venv
+.PHONY: setup bench test base-model judge base-quality clean-venv parity
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ judge: $(STAMP)
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)
 	$(PY) -m bench.quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
+
+# ImageReward parity: the original image-reward package (own venv, .parity-venv) vs rewards/imagereward.py
+parity: $(STAMP)
+	PY=$(PY) bash parity/imagereward.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -45,8 +45,9 @@ class PlannedRun:
 
 
 def config_hash(cfg: dict) -> str:
-    """The run's identity: a hash of its resolved config (the harness's own additions left out)."""
-    plain = {k: v for k, v in dict(cfg).items() if k not in ("variant", "method_key")}
+    """The run's identity: a hash of its resolved config (the harness's own additions and the trackers,
+    which mirror the metrics without changing them, left out)."""
+    plain = {k: v for k, v in dict(cfg).items() if k not in ("variant", "method_key", "trackers")}
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -301,3 +301,46 @@ def draw_k(num_steps: int, generator: torch.Generator, k: int = 1, k_dist: str =
     else:
         raise ValueError(f"k_dist {k_dist!r}: accepted {K_DISTS}")
     return max(1, min(num_steps, int(kk)))
+
+
+@contextlib.contextmanager
+def perturbed(params: list[torch.Tensor], direction: list[torch.Tensor], scale: float):
+    """The parameters moved to p + scale * u for the duration (zeroth-order estimates), then restored
+    exactly (copied back, not subtracted, so no rounding drift is left behind)."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, u in zip(params, direction):
+            p.add_(u.to(p.device, p.dtype), alpha=scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@torch.no_grad()
+def replay_chain(pipe, x: torch.Tensor, noises: list[torch.Tensor | None], cond: torch.Tensor,
+                 uncond: torch.Tensor | None, num_steps: int, guidance: float, eta: float, start: int = 0,
+                 perturb_steps=(), params: list[torch.Tensor] | None = None,
+                 direction: list[torch.Tensor] | None = None, scale: float = 0.0,
+                 costs: Costs | None = None) -> list[torch.Tensor]:
+    """Run steps ``start..T-1`` from latent ``x`` (the state before step ``start``; 0 = pure noise, already
+    scaled) with the given per-step noises, so two calls share their randomness (common random numbers).
+
+    Steps in ``perturb_steps`` run their UNet with ``params`` moved to p + scale * direction (a two-point
+    zeroth-order estimate perturbs only some steps).  Returns the latents after each step, x_{start+1}..x_T
+    in sampling order, no gradients."""
+    timesteps = set_timesteps(pipe.scheduler, num_steps)
+    perturb_steps = set(perturb_steps)
+    if perturb_steps and (params is None or direction is None):
+        raise ValueError("perturb_steps needs params and direction")
+    out = []
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
+        ctx = perturbed(params, direction, scale) if i in perturb_steps else contextlib.nullcontext()
+        with ctx:
+            eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
+        x = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noises[i]).prev
+        out.append(x)
+    return out

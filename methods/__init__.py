@@ -22,6 +22,8 @@ METHODS = {
     "ddpo": "methods.ddpo",        # DDPO-IS
     "ddpo-sf": "methods.ddpo",     # DDPO-SF (preset sets ddpo.estimator=sf)
     "dpok": "methods.dpok",
+    "rlr": "methods.rlr",          # RLR, the paper estimator (FO + HO + ZO)
+    "rlr-code": "methods.rlr",     # RLR as the released code does it (FO K = 1 + PPO single steps)
 }
 
 

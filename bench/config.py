@@ -35,6 +35,7 @@ COMMON: dict = {
              "metrics": ["jpeg-compressibility"]},  # held-out rewards scored on the eval images, never trained on
     "checkpoint_every": 5,
     "tag": "",
+    "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)
 }
 CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16")}
 

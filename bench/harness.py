@@ -204,6 +204,9 @@ class Run:
         self.step = 0
         self.wall_offset = 0.0
         self.first_eval: dict | None = None
+        from bench.trackers import Trackers  # checks the trackers' packages now, starts them on the first row
+
+        self.trackers = Trackers(cfg.get("trackers") or [], run_dir, config=dict(cfg))
 
     # ---- files ------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -298,6 +301,7 @@ class Run:
                "reward_queries": c.reward_queries, "unet_fwd": c.unet_fwd, "unet_bwd": c.unet_bwd,
                "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device)}
         self.rows.append(row)
+        self.trackers.log(row, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------
     def train(self, resumed: bool = False) -> dict:
@@ -349,6 +353,7 @@ class Run:
             "steps": self.step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],
         }
         store.atomic_write_json(self.path("summary.json"), summary)
+        self.trackers.close()
         self.write_manifest(status="complete", end_time=_now())
         return summary
 

@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/default
 OUT    ?= docs/paper
 
 .PHONY: sweep paper regress baselines
-.PHONY: setup bench test base-model judge base-quality clean-venv parity
+.PHONY: setup bench test base-model judge base-quality tiny-rewards clean-venv parity
 
 setup: $(STAMP)
 
@@ -64,6 +64,12 @@ base-model: $(STAMP)
 
 judge: $(STAMP)
 	$(PY) -m bench.judge --out models/tiny-judge
+
+# The tiny world's reward models: tiny-clip first (tiny-aesthetic sits on it), then tiny-aesthetic, tiny-count.
+tiny-rewards: $(STAMP)
+	$(PY) -m bench.train_rewards tiny-clip --out models/tiny-clip
+	$(PY) -m bench.train_rewards tiny-aesthetic --out models/tiny-aesthetic --clip models/tiny-clip
+	$(PY) -m bench.train_rewards tiny-count --out models/tiny-count
 
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)

@@ -159,3 +159,78 @@ def batch(rng: np.random.Generator, n: int, **kw) -> tuple[np.ndarray, list[Scen
     scenes = [sample_scene(rng, **kw) for _ in range(n)]
     images = np.stack([render(s, rng) for s in scenes]).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(images), scenes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hidden "aesthetic" rating
+# ---------------------------------------------------------------------------------------------------------
+
+RATING_WEIGHTS = {"size": 3.0, "clean": 3.0, "smooth": 2.0, "vivid": 1.0, "centred": 1.0}  # sums to 10
+TARGET_COVER = 0.30  # the fraction of the frame that the best-rated images cover with objects
+
+
+def _median3(x: np.ndarray) -> np.ndarray:
+    """3x3 median filter over the last two axes (edges replicated)."""
+    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    h, w = x.shape[-2:]
+    shifts = [p[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    return np.median(np.stack(shifts, 0), axis=0)
+
+
+def rating_terms(images) -> dict[str, np.ndarray]:
+    """The five terms of :func:`aesthetic_rating`, each per image in [0, 1], plus the raw statistics."""
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"aesthetic_rating wants images shaped (B, 3, H, W) or (3, H, W) in [0, 1], got {x.shape}")
+    x = np.clip(x, 0.0, 1.0)
+    hi, lo = x.max(axis=1), x.min(axis=1)
+    chroma = hi - lo                                                     # (B, H, W)
+    obj = np.clip((chroma - 0.25) / 0.25, 0.0, 1.0)                      # soft object mask: vivid pixels
+    bg = 1.0 - obj
+    cover = obj.mean(axis=(1, 2))
+    size = np.clip(1.0 - ((cover - TARGET_COVER) / TARGET_COVER) ** 2, 0.0, 1.0)
+    bg_level = (bg * hi).sum(axis=(1, 2)) / np.maximum(bg.sum(axis=(1, 2)), 1.0)
+    clean = np.exp(-bg_level / 0.2)
+    grain = np.abs(x - _median3(x)).mean(axis=(1, 2, 3))
+    smooth = np.exp(-grain / 0.02)
+    vivid_raw = (obj * chroma).sum(axis=(1, 2)) / np.maximum(obj.sum(axis=(1, 2)), 1e-6)
+    vivid = np.clip((vivid_raw - 0.4) / 0.4, 0.0, 1.0) * (cover > 0.005)
+    h, w = obj.shape[1:]
+    ys, xs = (np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5
+    mass = np.maximum(obj.sum(axis=(1, 2)), 1e-6)
+    cy, cx = (obj.sum(2) * ys).sum(1) / mass, (obj.sum(1) * xs).sum(1) / mass
+    centred = np.clip(1.0 - (cx ** 2 + cy ** 2) / 0.3 ** 2, 0.0, 1.0) * (cover > 0.005)
+    return {"size": size, "clean": clean, "smooth": smooth, "vivid": vivid, "centred": centred,
+            "cover": cover, "bg_level": bg_level, "grain": grain, "chroma": vivid_raw}
+
+
+def aesthetic_rating(images) -> np.ndarray:
+    """The tiny world's hidden "aesthetic" rating, 0 (worst) to 10 (best), computed from pixels alone.
+
+    It is the ground truth that ``models/tiny-aesthetic`` learns to predict from tiny-clip's image
+    embedding, as the LAION predictor learns human ratings from CLIP's.  It is defined on any image
+    (renders, degraded renders, model samples): ``images`` is (B, 3, H, W) or (3, H, W) in [0, 1]
+    (numpy or anything ``np.asarray`` takes); returns float64 (B,).
+
+    With chroma = max(R,G,B) - min(R,G,B) per pixel and the soft object mask
+    m = clip((chroma - 0.25) / 0.25, 0, 1) (vivid pixels are objects, the rest background)::
+
+        rating = 3 size + 3 clean + 2 smooth + 1 vivid + 1 centred, each term in [0, 1]
+
+        size    = 1 - ((cover - 0.3) / 0.3)^2, clipped at 0; cover = mean(m): objects should fill
+                  about 30 % of the frame (a single small object scores ~0.3, a full frame 0)
+        clean   = exp(-bg / 0.2); bg = mean of max(R,G,B) over background (weights 1 - m): a black,
+                  untinted background
+        smooth  = exp(-grain / 0.02); grain = mean |image - 3x3 median filter|: no pixel noise
+        vivid   = clip((mean chroma over objects - 0.4) / 0.4, 0, 1): pure, saturated colour
+        centred = 1 - d^2 / 0.3^2, clipped at 0; d = distance of the objects' centre of mass from the
+                  image centre in image widths
+
+    vivid and centred are 0 on an image without objects.  Clean renders score about 5-10 (by size and
+    placement); noise, blur, tinted or grey backgrounds and shrunken objects lower it.  Every term
+    has an easy direction for a fine-tuned model: bigger objects, darker and cleaner background.
+    """
+    t = rating_terms(images)
+    return sum(w * t[k] for k, w in RATING_WEIGHTS.items())

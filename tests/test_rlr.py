@@ -315,12 +315,14 @@ def test_non_differentiable_reward_refused_or_last_step_goes_zeroth_order(small_
 
 
 def test_variant_names():
-    assert rlr.variant(resolve("rlr")) == "rlr/h=2/j=softmax-gradnorm/zo=2x"
-    assert rlr.variant(resolve("rlr", ["rlr.memory_budget_mb=30000", "sampler.num_steps=50"])) == \
+    paper = ["rlr.ho_weight=1", "rlr.zo_weight=1", "rlr.zo_samples=2"]  # the preset down-weights HO and ZO
+    assert rlr.variant(resolve("rlr", paper)) == "rlr/h=2/j=softmax-gradnorm/zo=2x"
+    assert rlr.variant(resolve("rlr")) == "rlr/h=2/j=softmax-gradnorm/zo=1x/weights(ho=0.002,zo=0.0002)"
+    assert rlr.variant(resolve("rlr", paper + ["rlr.memory_budget_mb=30000", "sampler.num_steps=50"])) == \
         "rlr/h=2(budget=30000MB)/j=softmax-gradnorm/zo=2x"
-    assert rlr.variant(resolve("rlr", ["rlr.first_order=false", "rlr.j_dist=uniform", "rlr.zo_weight=0.1"])) == \
-        "rlr/h=2/j=uniform/zo=2x/weights(ho=1,zo=0.1)/no-fo"
-    assert rlr.variant(resolve("rlr-code")).startswith("rlr-code/chain_len=2/")
+    assert rlr.variant(resolve("rlr", paper + ["rlr.first_order=false", "rlr.j_dist=uniform", "rlr.zo_weight=0.1"])) \
+        == "rlr/h=2/j=uniform/zo=2x/weights(ho=1,zo=0.1)/no-fo"
+    assert rlr.variant(resolve("rlr-code")) == "rlr-code/chain_len=2/ho_coeff=0.001/clip=0.0001/logprob-mean"
 
 
 # ---- runs: determinism, resume after a kill, bad input ------------------------------------------------

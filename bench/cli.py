@@ -185,5 +185,5 @@ def summary_line(method: str, s: dict, run_dir: str) -> str:
     if s.get("fidelity_before") is not None:
         fid = f", prompt fidelity {s['fidelity_before']:.2f} -> {s['fidelity_after']:.2f}"
     return (f"{method}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
-            f"({s['eval_reward_gain_in_se']:+.1f} SE){fid}; {s['steps']} steps in {s['wall_time_s']:.0f} s; "
+            f"({s['eval_reward_gain_in_se']:+.1f} SE, paired {s.get('eval_reward_gain_in_paired_se', 0):+.1f} SE){fid}; {s['steps']} steps in {s['wall_time_s']:.0f} s; "
             f"results in {run_dir}")

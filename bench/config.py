@@ -20,7 +20,7 @@ COMMON: dict = {
     "method": None,
     "model": "models/tiny-t2i",      # diffusers folder or cached Hugging Face repo id
     "judge": "models/tiny-judge",    # prompt-fidelity judge (tiny world); null for full-scale models
-    "reward": "saturation",
+    "reward": "tiny-aesthetic",
     "train_prompts": "tiny-train",
     "eval_prompts": "tiny-eval",
     "seed": 0,
@@ -32,7 +32,7 @@ COMMON: dict = {
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
     "eval": {"every": 10, "num_seeds": 4, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
              "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off), with the training sampler at eta 1
-             "metrics": ["jpeg-compressibility"]},  # held-out rewards scored on the eval images, never trained on
+             "metrics": ["tiny-rating", "tiny-clip"]},  # held-out rewards scored on the eval images, never trained on
     "checkpoint_every": 5,
     "tag": "",
     "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)

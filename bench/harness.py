@@ -204,6 +204,7 @@ class Run:
         self.step = 0
         self.wall_offset = 0.0
         self.first_eval: dict | None = None
+        self.eval_samples: list[dict] = []  # per eval image: step, prompt, seed, reward and held-out metrics
         from bench.trackers import Trackers  # checks the trackers' packages now, starts them on the first row
 
         self.trackers = Trackers(cfg.get("trackers") or [], run_dir, config=dict(cfg))
@@ -229,6 +230,8 @@ class Run:
         first = [c for c in COLUMN_ORDER if c in df]
         df = df[first + [c for c in df.columns if c not in first]]
         store.write_table(df, self.path("metrics"))
+        if self.eval_samples:
+            store.write_table(pd.DataFrame(self.eval_samples), self.path("eval_samples"))
         plot_run(df, self.path("reward_curve.png"), title=f"{self.cfg.method} on {self.cfg.reward}")
 
     def checkpoint(self) -> None:
@@ -236,7 +239,8 @@ class Run:
 
         state = {"step": self.step, "lora": lora_state_dict(self.pipe.unet), "method": self.method.state_dict(),
                  "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
-                 "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval}
+                 "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
+                 "eval_samples": self.eval_samples}
         store.atomic_write_with(self.path("checkpoint.pt"), lambda b: torch.save(state, b))
         self.write_tables()
 
@@ -249,6 +253,7 @@ class Run:
         self.ctx.generator.set_state(state["generator"])
         self.ctx.costs.load_state_dict(state["costs"])
         self.step, self.rows, self.first_eval = state["step"], state["rows"], state["first_eval"]
+        self.eval_samples = state["eval_samples"]
         self.wall_offset = state["wall"]
 
     # ---- evaluation ------------------------------------------------------------------------------
@@ -274,10 +279,14 @@ class Run:
                "eval_reward_sem": float(r.std(ddof=1) / math.sqrt(len(r)))}
         for name, s in getattr(self.reward, "last_terms", {}).items():
             out[f"eval_reward/{name}"] = float(s.float().mean())
+        per_image = {"reward": r}
         for spec, metric in self.heldout.items():
             m = metric(on_device, prompts).float().cpu().numpy()
             out[f"eval_{spec}_mean"] = float(m.mean())
             out[f"eval_{spec}_sem"] = float(m.std(ddof=1) / math.sqrt(len(m)))
+            per_image[spec] = m
+        self.eval_samples += [{"step": self.step, "prompt": p, "seed": i % ec.num_seeds,
+                               **{k: float(v[i]) for k, v in per_image.items()}} for i, p in enumerate(prompts)]
         if self.judge is not None:
             fid = self.judge.fidelity(images, prompts)
             out["fidelity"] = float(fid["all"].mean())
@@ -346,11 +355,19 @@ class Run:
         save_before_after(self.path("grids", "step_000000.png"), self.path("grids", f"step_{self.step:06d}.png"),
                           self.path("grids", "start_vs_end.png"))
         se = math.hypot(first["eval_reward_sem"], last["eval_reward_sem"])
+        # the same eval prompts and seeds before and after: the paired SE is the SE of the mean per-image gain
+        before = [e["reward"] for e in self.eval_samples if e["step"] == 0]
+        after = [e["reward"] for e in self.eval_samples if e["step"] == self.step]
+        gain = np.asarray(after) - np.asarray(before) if len(before) == len(after) > 1 else np.zeros(2)
+        paired_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
         summary = {
             "eval_reward_before": first["eval_reward_mean"], "eval_reward_after": last["eval_reward_mean"],
             "eval_reward_gain_in_se": (last["eval_reward_mean"] - first["eval_reward_mean"]) / se if se > 0 else 0.0,
+            "eval_reward_gain_in_paired_se": float(gain.mean()) / paired_se if paired_se > 0 else 0.0,
             "fidelity_before": first.get("fidelity"), "fidelity_after": last.get("fidelity"),
             "steps": self.step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],
+            **{f"{spec}_{when}": row.get(f"eval_{spec}_mean") for spec in self.heldout
+               for when, row in (("before", first), ("after", last))},
         }
         store.atomic_write_json(self.path("summary.json"), summary)
         self.trackers.close()

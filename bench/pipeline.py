@@ -99,6 +99,7 @@ def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: to
     import diffusers
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # no per-load "Loading weights" bars in run logs
     path = resolve_path(path_or_id)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):

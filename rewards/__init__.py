@@ -47,6 +47,7 @@ REGISTRY = {
     "tiny-clip": "rewards.tiny:TinyClip",
     "tiny-aesthetic": "rewards.tiny:TinyAesthetic",
     "tiny-count": "rewards.tiny:TinyCount",
+    "tiny-rating": "rewards.tiny:TinyRating",   # the hidden rating tiny-aesthetic predicts (ground truth)
 }
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"

@@ -132,3 +132,19 @@ class TinyCount:
         c = self.count(images)
         d = c - self.asked(prompts).to(c.device)
         return -((d * d + self.EPS ** 2).sqrt() - self.EPS)
+
+
+class TinyRating:
+    """The hidden rating itself (:func:`bench.world.aesthetic_rating`, 0-10), computed from pixels.
+
+    Not a learned model: the ground truth that ``tiny-aesthetic`` predicts.  Used as a held-out
+    metric, it shows when a method raises the predictor's score without raising the rating (reward
+    hacking of the reward model).  Not differentiable (median filter and clipping in numpy)."""
+
+    name = "tiny-rating"
+    differentiable = False
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from bench.world import aesthetic_rating
+
+        return torch.from_numpy(aesthetic_rating(images.detach().float().cpu().numpy())).float()

@@ -20,7 +20,8 @@ def baselines(small_pixel_pipeline_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("regress")
     prompts = tmp / "eval.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
-    small = [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "eval.num_steps=2", "sampler.num_steps=2",
+    small = [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "reward=saturation", "eval.num_steps=2",
+             "sampler.num_steps=2",
              "alignprop.batch_size=2", "alignprop.truncation=full", "alignprop.lr=0.05"]
     directory = str(tmp / "baselines")
     code, out = run_cli(["regress", "--update", "--methods", "alignprop", "--seeds", "0", "1", "2",

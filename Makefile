@@ -12,10 +12,10 @@ SEED   ?=
 ARGS   ?=
 METHODS ?=
 SEEDS  ?= 0 1 2
-SWEEP  ?= results/sweeps/default
+SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
-.PHONY: sweep paper regress baselines
+.PHONY: sweep paper paper-sweep regress baselines
 .PHONY: setup bench test base-model judge base-quality tiny-rewards clean-venv parity
 
 setup: $(STAMP)
@@ -40,7 +40,14 @@ sweep: $(STAMP)
 	$(PY) -m bench sweep --methods $(if $(METHODS),$(METHODS),$(METHOD)) --seeds $(SEEDS) $(if $(REWARD),--reward $(REWARD)) \
 		--root $(SWEEP) $(ARGS)
 
-# Every figure and table the README shows, from a sweep folder: make paper SWEEP=results/sweeps/NAME [OUT=docs/paper]
+# The README's example sweep (bench/sweeps/paper*.yaml: every method x 3 seeds, and AlignProp K = 1 for the RLR
+# study) into results/sweeps/paper; finished runs are skipped, so it also completes an interrupted sweep.
+paper-sweep: $(STAMP)
+	$(PY) -m bench sweep --file bench/sweeps/paper.yaml
+	$(PY) -m bench sweep --file bench/sweeps/paper-alignprop-k1.yaml
+
+# Every figure and table the README shows, from a sweep folder (default: the committed results/sweeps/paper):
+#   make paper [SWEEP=results/sweeps/NAME] [OUT=docs/paper]
 paper: $(STAMP)
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --metric fidelity --metric kl_to_base --x step
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x reward_queries

@@ -30,7 +30,7 @@ COMMON: dict = {
     "threads": 0,                    # torch CPU threads; 0 = torch's default
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
-    "eval": {"every": 10, "num_seeds": 4, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
+    "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
              "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off), with the training sampler at eta 1
              "metrics": ["tiny-rating", "tiny-clip"]},  # held-out rewards scored on the eval images, never trained on
     "checkpoint_every": 5,

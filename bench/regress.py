@@ -54,6 +54,8 @@ SHORT_METHOD = {
     "ddpo": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
     "ddpo-sf": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
     "dpok": ["dpok.g_batch=8", "dpok.p_step=2"],
+    "rlr": ["rlr.batch_size=4"],
+    "rlr-code": ["rlr.batch_size=4"],
 }
 
 

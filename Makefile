@@ -54,6 +54,10 @@ paper: $(STAMP)
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x unet_passes
 	$(PY) -m bench compare $(SWEEP) --out-dir $(OUT) --metric eval_reward_mean --x wall_time
 	$(PY) -m bench compare $(SWEEP) --grid $(OUT)/grid.png
+	$(PY) -m bench compare $(SWEEP) --method rlr rlr-code alignprop ddpo --metric eval_reward_mean --metric fidelity \
+		--x images --out $(OUT)/rlr_study.png --title "RLR study: eval reward and prompt fidelity against images generated"
+	$(PY) -m bench compare $(SWEEP) --method ddpo ddpo-sf dpok --metric eval_reward_mean --metric kl_to_base \
+		--x step --out $(OUT)/ddpo_vs_dpok_kl.png --title "DDPO vs DPOK: eval reward and KL to the base model"
 	$(PY) -m bench table $(SWEEP) --out $(OUT)/table
 	$(PY) -m bench report $(SWEEP) --out $(OUT)/report.html
 

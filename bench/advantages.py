@@ -37,3 +37,16 @@ class PerPromptStatTracker:
 def batch_normalise(rewards: torch.Tensor) -> torch.Tensor:
     r = rewards.detach().float()
     return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+
+
+def ppo_clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                          clip_range: float, max_log_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, mean over the batch: max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), and the ratios
+    rho = exp(log p - log p_old).  ``max_log_ratio`` clamps the log-ratio first (RLR's released code: 20)."""
+    log_ratio = log_prob - old_log_prob
+    if max_log_ratio is not None:
+        log_ratio = torch.clamp(log_ratio, -max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio

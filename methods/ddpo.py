@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from bench.advantages import PerPromptStatTracker, batch_normalise
+from bench.advantages import PerPromptStatTracker, batch_normalise, ppo_clipped_surrogate
 from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, guided_eps, sample
 
 NAME_KEY = "ddpo"
@@ -95,12 +95,9 @@ def validate(cfg) -> None:
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, estimator: str,
                 clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-step surrogate loss (mean over the batch) and the importance ratios."""
-    ratio = torch.exp(log_prob - old_log_prob)
     if estimator == "sf":
-        return -(advantages * log_prob).mean(), ratio
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
+        return -(advantages * log_prob).mean(), torch.exp(log_prob - old_log_prob)
+    return ppo_clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
 
 
 class Method:

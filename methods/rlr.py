@@ -66,7 +66,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from bench.advantages import batch_normalise
+from bench.advantages import batch_normalise, ppo_clipped_surrogate
 from bench.errors import BenchError
 from bench.sampling import (LOGPROB_REDUCTIONS, ddim_step, embed, gaussian_log_prob, guided_eps, replay_chain,
                             sample, set_timesteps, step_noise, step_std)
@@ -403,14 +403,6 @@ class PaperMethod:
         self.norms = list(state["norms"])
 
 
-def ppo_clipped_loss(log_prob, old_log_prob, advantages, clip_range):
-    """DDPO's clipped surrogate as the released code applies it (log-ratio clamped at +-20)."""
-    ratio = torch.exp(torch.clamp(log_prob - old_log_prob, -20.0, 20.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
-
-
 class CodeMethod:
     """``rlr-code``: an FO update on the last step, then ``chain_len`` PPO single-step updates."""
 
@@ -463,7 +455,7 @@ class CodeMethod:
                              with_grad=True)
             lp = ddim_step(pipe.scheduler, eps, int(t), traj.latents[:, k], T, s.eta, prev=traj.latents[:, k + 1],
                            reduction=c.logprob_reduction).log_prob
-            loss, ratio = ppo_clipped_loss(lp, traj.log_probs[:, k].to(lp), adv, c.clip_range)
+            loss, ratio = ppo_clipped_surrogate(lp, traj.log_probs[:, k].to(lp), adv, c.clip_range, max_log_ratio=20.0)
             ctx.backward(c.ho_loss_coeff * loss)
             self._update()
             ratios.append(ratio.detach().cpu())

@@ -11,6 +11,13 @@ The band rule, at every evaluated step of every checked curve::
 with K = 3, REL_FLOOR = 0.02; the abs floor is 1e-3, and for judge fidelity one eval image flipping
 (1 / eval images) so a single borderline judgement never fails CI.  At step 0 (the base model) every
 seed agrees, so there the band is the floor: a change to the sampler or the eval shows at once.
+``kl_to_base`` is positive and spreads multiplicatively over seeds (a factor of 4 between seeds is common),
+so where every seed's value is positive its band is taken on the logarithm::
+
+    band = exp(mean(log v) -/+ max(K * std(log v), LOG_FLOOR))
+
+A linear band of 3 standard deviations would reach below zero there and could not see a method that
+stopped moving (DDPO with its advantages zeroed: KL 0).
 
 Checked curves: ``eval_reward_mean``, ``fidelity``, ``kl_to_base`` and every held-out ``eval_<m>_mean``
 that the baseline has.  Besides the bands, every column that was finite at a step in every baseline seed
@@ -45,6 +52,8 @@ REGRESS_OUT = os.path.join(store.RESULTS_ROOT, "regress")
 K, REL_FLOOR, ABS_FLOOR = 3.0, 0.02, 1e-3
 UPDATE_SEEDS = [0, 1, 2]
 CURVES = ("eval_reward_mean", "fidelity", "kl_to_base")
+LOG_CURVES = ("kl_to_base",)  # positive, multiplicative spread: banded on log values
+LOG_FLOOR = math.log(1.5)
 
 # The short configuration: the method's own preset, shrunk to a few steps and a cheap evaluation.
 SHORT_COMMON = ["steps=4", "eval.every=2", "eval.grid_every=4", "checkpoint_every=4", "eval.num_seeds=2",
@@ -59,16 +68,30 @@ SHORT_METHOD = {
 }
 
 
+RULE = {"k": K, "rel_floor": REL_FLOOR, "abs_floor": ABS_FLOOR, "log_floor": LOG_FLOOR, "log_curves": list(LOG_CURVES),
+        "text": "band = mean -/+ max(k * std over seeds, floor, rel_floor * |mean|); for log_curves where every "
+                "seed is positive: exp(mean(log) -/+ max(k * std(log), log_floor))"}
+
+
 def short_overrides(method: str, extra: list[str] | None = None) -> list[str]:
     return SHORT_COMMON + SHORT_METHOD.get(method, []) + list(extra or [])
 
 
-def band(per_seed: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """mean, std, lower, upper over seeds (rows) at each step (columns), by the rule in the docstring."""
+def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mean, std, lower, upper over seeds (rows) at each step (columns), by the rule in the docstring;
+    ``log``: on log values at the steps where every seed is positive."""
     mean = per_seed.mean(0)
     std = per_seed.std(0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
     half = np.maximum.reduce([K * std, np.full_like(mean, floor), REL_FLOOR * np.abs(mean)])
-    return mean, std, mean - half, mean + half
+    lower, upper = mean - half, mean + half
+    positive = (per_seed > 0).all(0)
+    if log and positive.any():
+        logs = np.log(per_seed[:, positive])
+        log_std = logs.std(0, ddof=1) if len(per_seed) > 1 else np.zeros(logs.shape[1])
+        log_half = np.maximum(K * log_std, LOG_FLOOR)
+        lower[positive] = np.exp(logs.mean(0) - log_half)
+        upper[positive] = np.exp(logs.mean(0) + log_half)
+    return mean, std, lower, upper
 
 
 def _floor(metric: str, cfg: dict) -> float:
@@ -120,14 +143,13 @@ def record(method: str, seeds: list[int], extra: list[str] | None = None, workdi
         if not steps:
             continue
         per_seed = np.array([[f.set_index("step").loc[s, m] for s in steps] for f in frames], dtype=float)
-        mean, std, lower, upper = band(per_seed, _floor(m, cfg))
+        mean, std, lower, upper = band(per_seed, _floor(m, cfg), log=m in LOG_CURVES)
         curves[m] = {"step": steps, "per_seed": per_seed.tolist(), "mean": mean.tolist(), "std": std.tolist(),
                      "lower": lower.tolist(), "upper": upper.tolist()}
     finite = [_finite_steps(f) for f in frames]
     always = {c: sorted(set.intersection(*(fs.get(c, set()) for fs in finite))) for c in finite[0]}
     return {"method": method, "overrides": overrides, "seeds": list(seeds), "variant": _variant(method, cfg),
-            "rule": {"k": K, "rel_floor": REL_FLOOR, "abs_floor": ABS_FLOOR,
-                     "text": "band = mean -/+ max(k * std over seeds, floor, rel_floor * |mean|)"},
+            "rule": RULE,
             "curves": curves, "finite": {c: s for c, s in always.items() if s},
             "seconds_per_run": round(seconds, 1), "threads": cfg["threads"],
             "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

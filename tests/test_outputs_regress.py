@@ -147,3 +147,27 @@ def test_tensorboard_tracker_writes_scalars_when_installed(tmp_path):
     ea.Reload()
     assert [(e.step, round(e.value, 3)) for e in ea.Scalars("reward_mean")] == [(0, 0.0), (1, 0.1), (2, 0.2)]
     assert [e.step for e in ea.Scalars("eval_reward_mean")] == [0, 2]
+
+
+def test_kl_band_is_taken_on_logs_and_sees_a_method_that_stopped_moving():
+    from bench import regress
+
+    # three seeds' KL to the base model at steps 0, 2, 4 (the DDPO baseline's shape: factors apart)
+    per_seed = np.array([[0.0, 483.0, 1221.0], [0.0, 1923.0, 4601.0], [0.0, 1021.0, 2115.0]])
+    mean, std, lo, hi = regress.band(per_seed, regress.ABS_FLOOR)
+    assert lo[2] < 0  # the linear band: zero KL (nothing learnt) would pass
+    mean, std, lo, hi = regress.band(per_seed, regress.ABS_FLOOR, log=True)
+    logs = np.log(per_seed[:, 1:])
+    half = np.maximum(3 * logs.std(0, ddof=1), math.log(1.5))
+    assert np.allclose(lo[1:], np.exp(logs.mean(0) - half)) and np.allclose(hi[1:], np.exp(logs.mean(0) + half))
+    assert lo[0] == -regress.ABS_FLOOR and hi[0] == regress.ABS_FLOOR  # step 0: every seed 0, the floor
+    assert 0 < lo[1] < per_seed[:, 1].min() and hi[2] > per_seed[:, 2].max()
+    baseline = {"method": "ddpo", "finite": {}, "curves": {"kl_to_base": {
+        "step": [0, 2, 4], "lower": lo.tolist(), "upper": hi.tolist()}}}
+    import pandas as pd
+
+    stopped = pd.DataFrame({"step": [0, 2, 4], "kl_to_base": [0.0, 0.0, 0.0]})
+    assert regress.check(baseline, [stopped]) == [
+        f"ddpo: kl_to_base at step 2 = 0 below band [{lo[1]:.4g}, {hi[1]:.4g}] (and 1 more steps)"]
+    healthy = pd.DataFrame({"step": [0, 2, 4], "kl_to_base": per_seed[0]})
+    assert regress.check(baseline, [healthy]) == []

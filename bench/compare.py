@@ -235,10 +235,11 @@ def plot_metrics(run_dirs: list[str], metrics: list[str], x: str, out: str, titl
     runs = [read_run(d) for d in find_run_dirs(run_dirs)]
     _check_axes(runs, metrics, x)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
     by_variant: dict[str, list[RunData]] = {}
     for r in runs:
         by_variant.setdefault(f"{r.method}: {r.cfg.get('variant', '')}", []).append(r)
+    legend_in = 0.17 * len(by_variant) + 0.2  # the legend goes under the panels: variant names are long
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 2.8 + legend_in), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for label, members in by_variant.items():
             xs, mean, se, n = mean_curve(members, m, x)
@@ -247,12 +248,14 @@ def plot_metrics(run_dirs: list[str], metrics: list[str], x: str, out: str, titl
             line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={n})")
             if n > 1:
                 ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel(x)
-        ax.set_ylabel(m)
-    axes[0][0].legend(fontsize=7)
+        ax.set_xlabel(X_LABELS.get(x, x))
+        ax.set_ylabel(Y_LABELS.get(m, m))
+        ax.grid(alpha=0.3, lw=0.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False, ncol=1)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (2.8 + legend_in), 1, 1))
     store.save_figure(fig, out, dpi=120)
     plt.close(fig)
 

@@ -37,3 +37,27 @@ def small_pixel_pipeline(small_pixel_pipeline_dir):
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+def run_killed_and_resumed(method: str, args: list[str], tmp_path) -> tuple[str, str]:
+    """Run ``method`` once whole, and once in another process killed (SIGKILL) after step 3's update but
+    before its checkpoint, then resumed; returns (whole run folder, killed-and-resumed run folder)."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from bench import cli, harness
+    from bench.config import resolve
+
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    harness.start(resolve(method, args), full)
+    env = dict(os.environ, **{harness.CRASH_ENV: "3"})
+    cmd = [sys.executable, "-m", "bench", "run", "--method", method, "--out", killed] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert json.load(open(os.path.join(killed, "manifest.json")))["status"] == "running"
+    assert pd.read_parquet(os.path.join(killed, "metrics.parquet"))["step"].max() == 2  # step 3 lost with the kill
+    assert cli.main(["run", "--resume", killed]) == 0
+    return full, killed

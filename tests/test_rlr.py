@@ -4,20 +4,18 @@ UNet against backprop, rlr-code against AlignProp K = 1, runs that repeat and re
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
 from analytic_chain import LinearGaussianChain
-from bench import cli, harness, sampling
+from bench import cli, sampling
 from bench.config import resolve
 from bench.errors import BenchError
+from conftest import run_killed_and_resumed
 from methods import rlr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- the analytic chain seen as an RLR chain ----------------------------------------------------------
@@ -346,14 +344,7 @@ def test_runs_repeat_and_resume_after_a_kill(small_pixel_pipeline_dir, tmp_path,
     args = [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "steps=4", "checkpoint_every=2",
             "eval.every=2", "eval.grid_every=2", "eval.num_seeds=2", "eval.num_steps=2", "eval.kl_seeds=0",
             "threads=2"] + RUN_ARGS[method]
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    harness.start(resolve(method, args), full)
-    env = dict(os.environ, **{harness.CRASH_ENV: "3"})
-    cmd = [sys.executable, "-m", "bench", "run", "--method", method, "--out", killed] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 137, proc.stderr[-2000:]
-    assert _metrics(killed)["step"].max() == 2
-    assert cli.main(["run", "--resume", killed]) == 0
+    full, killed = run_killed_and_resumed(method, args, tmp_path)
     a, b = _metrics(full).drop(columns=VOLATILE), _metrics(killed).drop(columns=VOLATILE)
     pd.testing.assert_frame_equal(a, b)  # same seed, another process, killed and resumed: the same run
     manifest = json.load(open(os.path.join(killed, "manifest.json")))

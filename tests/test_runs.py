@@ -1,16 +1,14 @@
 """End to end through the CLI and the harness: artefacts, determinism, resume after a kill, bad input."""
 import json
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from bench import cli, harness
 from bench.config import resolve
+from conftest import run_killed_and_resumed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ["wall_time", "peak_mem_mb"]
 
 
@@ -80,16 +78,7 @@ METHOD_ARGS = {
 @pytest.mark.parametrize("method", sorted(METHOD_ARGS))
 def test_killed_run_resumes_to_the_same_metrics(small_run_args, tmp_path, method):
     args = [a for a in small_run_args if not a.startswith("alignprop.")] if method != "alignprop" else small_run_args
-    args = args + METHOD_ARGS[method]
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    harness.start(resolve(method, args), full)
-    env = dict(os.environ, **{harness.CRASH_ENV: "3"})
-    cmd = [sys.executable, "-m", "bench", "run", "--method", method, "--out", killed] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 137, proc.stderr[-2000:]
-    assert json.load(open(os.path.join(killed, "manifest.json")))["status"] == "running"
-    assert _metrics(killed)["step"].max() == 2  # last checkpoint; step 3 was lost with the kill
-    assert cli.main(["run", "--resume", killed]) == 0
+    full, killed = run_killed_and_resumed(method, args + METHOD_ARGS[method], tmp_path)
     pd.testing.assert_frame_equal(_metrics(full).drop(columns=VOLATILE), _metrics(killed).drop(columns=VOLATILE))
     manifest = json.load(open(os.path.join(killed, "manifest.json")))
     assert manifest["status"] == "complete" and manifest["resumes"][0]["from_step"] == 2

@@ -1,5 +1,4 @@
 """The sampler against diffusers itself and against closed-form Gaussians."""
-import math
 
 import pytest
 import torch

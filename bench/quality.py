@@ -8,7 +8,6 @@ this command; ``--grid`` also saves a sample grid.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch

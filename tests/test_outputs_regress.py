@@ -9,6 +9,7 @@ import os
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench import cli, trackers
@@ -164,8 +165,6 @@ def test_kl_band_is_taken_on_logs_and_sees_a_method_that_stopped_moving():
     assert 0 < lo[1] < per_seed[:, 1].min() and hi[2] > per_seed[:, 2].max()
     baseline = {"method": "ddpo", "finite": {}, "curves": {"kl_to_base": {
         "step": [0, 2, 4], "lower": lo.tolist(), "upper": hi.tolist()}}}
-    import pandas as pd
-
     stopped = pd.DataFrame({"step": [0, 2, 4], "kl_to_base": [0.0, 0.0, 0.0]})
     assert regress.check(baseline, [stopped]) == [
         f"ddpo: kl_to_base at step 2 = 0 below band [{lo[1]:.4g}, {hi[1]:.4g}] (and 1 more steps)"]

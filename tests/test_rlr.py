@@ -17,7 +17,6 @@ from conftest import run_killed_and_resumed
 from methods import rlr
 
 
-
 # ---- the analytic chain seen as an RLR chain ----------------------------------------------------------
 
 class AnalyticChain:

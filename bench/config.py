@@ -169,5 +169,14 @@ def check_stochastic_sampler(cfg: dict) -> None:
                          "accepted: eta > 0")
 
 
+def check_trained_steps(cfg: dict, key: str) -> None:
+    """``<key>.skip_first_steps`` / ``skip_last_steps`` must leave at least one step to train."""
+    d, T = cfg[key], cfg["sampler"]["num_steps"]
+    a, b = d["skip_first_steps"], d["skip_last_steps"]
+    if a < 0 or b < 0 or a + b >= T:
+        raise BenchError(f"{key}.skip_first_steps ({a}) and {key}.skip_last_steps ({b}) must be >= 0 and leave at "
+                         f"least one of the sampler's {T} steps to train")
+
+
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)

@@ -60,6 +60,13 @@ def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
     return _sigma(*_alphas(scheduler, t, num_steps), eta)
 
 
+def trained_steps(num_steps: int, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
+    """Indices (sampling order, 0 = the step from pure noise) of the steps a policy gradient trains on:
+    all of them unless the first / last few are skipped (their likelihood-ratio terms are the noisiest,
+    see the README's "Why policy gradients struggle here")."""
+    return torch.arange(skip_first, num_steps - skip_last)
+
+
 def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """z ~ N(0, I) for one stochastic step, drawn on the CPU (reproducible) in the latents' dtype/device."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)

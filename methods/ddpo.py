@@ -12,8 +12,9 @@ guided DDIM step with eta = 1, reward r(x0, c) at the end only.  Objective J = E
         A = per-prompt normalised r (running buffer, batch statistics until min_count), clipped
         # training phase
         for each inner epoch:
-            shuffle samples; shuffle the timestep order of every sample independently;
-            keep the first ceil(timestep_fraction * T) of each order
+            shuffle samples; shuffle the order of every sample's trained steps independently
+            (all T, or all but the skip_first / skip_last ones); keep the first ceil(timestep_fraction x
+            that many) of each order
             for each minibatch, for each kept timestep position:
                 log p_theta(stored x_{t-1} | stored x_t, c)      (recomputed guided prediction)
                 rho = exp(log p_theta - log p_old)
@@ -24,7 +25,11 @@ guided DDIM step with eta = 1, reward r(x0, c) at the end only.  Objective J = E
 Variants, named exactly: ``ddpo`` = DDPO-IS, ``ddpo-sf`` = DDPO-SF (one inner epoch, one optimizer
 update per sampling round, so it stays on-policy).  ``logprob_reduction`` records whether the step
 log-prob is averaged over latent elements (``mean``: ddpo-pytorch and trl, what clip_range 1e-4
-assumes) or summed (the true log-density).
+assumes) or summed (the true log-density).  ``skip_first_steps`` / ``skip_last_steps`` (default 0:
+every step, as the paper) leave the first / last denoising steps out of training, recorded in the variant
+as ``/steps-a:b``: in the tiny world their likelihood-ratio terms are ~50x noisier than the others'
+(README, "Why policy gradients struggle here"); dropping them biases the estimate (those steps' part of
+the gradient is lost) and cuts its variance.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import math
 import torch
 
 from bench.advantages import PerPromptStatTracker, batch_normalise, ppo_clipped_surrogate
-from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, guided_eps, sample
+from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, guided_eps, sample, trained_steps
 
 NAME_KEY = "ddpo"
 NEEDS_DIFFERENTIABLE_REWARD = False
@@ -54,6 +59,8 @@ DEFAULTS = {
     "adv_clip": 5.0,
     "grad_clip": 1.0,
     "timestep_fraction": 1.0,
+    "skip_first_steps": 0,       # denoising steps left out of training at the start (pure-noise end) ...
+    "skip_last_steps": 0,        # ... and at the end (x0 end); 0, 0 = every step, as the paper
     "per_prompt_stats": True,
     "stat_buffer": 16,
     "stat_min_count": 16,
@@ -65,14 +72,22 @@ def variant(cfg) -> str:
     d = cfg[NAME_KEY]
     return (f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}"
             + ("/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
-            + (f"/{d['prompts_per_step']}-prompts-per-round" if d["prompts_per_step"] else ""))
+            + (f"/{d['prompts_per_step']}-prompts-per-round" if d["prompts_per_step"] else "")
+            + steps_tag(cfg))
+
+
+def steps_tag(cfg) -> str:
+    d, T = cfg[NAME_KEY], cfg["sampler"]["num_steps"]
+    a, b = d["skip_first_steps"], d["skip_last_steps"]
+    return f"/steps-{a}:{T - b}-of-{T}" if a or b else ""
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice, check_stochastic_sampler
+    from bench.config import check_choice, check_stochastic_sampler, check_trained_steps
     from bench.errors import BenchError
 
     d = cfg[NAME_KEY]
+    check_trained_steps(cfg, NAME_KEY)
     check_choice("ddpo.estimator", d["estimator"], ESTIMATORS)
     check_choice("ddpo.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
@@ -130,13 +145,14 @@ class Method:
         ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
         batch = self.collect()
         n, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
-        n_t = math.ceil(c.timestep_fraction * T)
+        steps = trained_steps(T, c.skip_first_steps, c.skip_last_steps)
+        n_t = math.ceil(c.timestep_fraction * len(steps))
         g = ctx.generator
         ratios, clipfrac, approx_kl, losses = [], [], [], []
         micro = 0
         for _ in range(c.inner_epochs):
             perm = torch.randperm(n, generator=g)
-            order = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])  # per-sample timestep order
+            order = torch.stack([steps[torch.randperm(len(steps), generator=g)] for _ in range(n)])  # per sample
             for start in range(0, n, c.train_batch_size):
                 idx = perm[start:start + c.train_batch_size]
                 for j in range(n_t):

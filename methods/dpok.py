@@ -8,7 +8,8 @@ Both steps are Gaussians with the same sigma_t, so each KL is ||mu_theta - mu_pr
 mu_pre is the same UNet with its LoRA adapter switched off (no second copy of the model).
 
     repeat                                                       (one harness step = one sampling round)
-        sample g_batch trajectories (eta = 1, CFG in the policy), store every transition
+        sample g_batch trajectories (eta = 1, CFG in the policy), store every transition (or all but
+        the first skip_first_steps / last skip_last_steps of each trajectory)
         (x_t, x_{t-1}, t, log p_old, c) with its final reward in a replay buffer (bounded)
         [value baseline: fit V(x_t, c, t) to the final reward by MSE, v_steps minibatches]
         for p_step policy updates:
@@ -21,6 +22,8 @@ mu_pre is the same UNet with its LoRA adapter switched off (no second copy of th
 
 The log-prob and the KL are reduced over latent elements the same way (``logprob_reduction``:
 ``mean`` as the reference code's log-prob, or ``sum``); both are recorded in the run config.
+``skip_first_steps`` / ``skip_last_steps`` (default 0: every step) are DDPO's option of the same name
+(methods/ddpo.py): fewer, less noisy transitions in the buffer, recorded in the variant.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from bench.advantages import batch_normalise
-from bench.sampling import LOGPROB_REDUCTIONS, base_model, ddim_step, gaussian_kl, guided_eps, sample
+from bench.sampling import LOGPROB_REDUCTIONS, base_model, ddim_step, gaussian_kl, guided_eps, sample, trained_steps
 
 NAME_KEY = "dpok"
 NEEDS_DIFFERENTIABLE_REWARD = False
@@ -53,18 +56,23 @@ DEFAULTS = {
     "v_steps": 5,
     "v_batch": 32,
     "logprob_reduction": "mean",
+    "skip_first_steps": 0,       # transitions left out of the buffer at the start (pure-noise end) ...
+    "skip_last_steps": 0,        # ... and at the end (x0 end); 0, 0 = every step, as the paper
 }
 
 
 def variant(cfg) -> str:
     d = cfg[NAME_KEY]
-    return f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}"
+    a, b, T = d["skip_first_steps"], d["skip_last_steps"], cfg["sampler"]["num_steps"]
+    return (f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}"
+            + (f"/steps-{a}:{T - b}-of-{T}" if a or b else ""))
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice, check_stochastic_sampler
+    from bench.config import check_choice, check_stochastic_sampler, check_trained_steps
 
     d = cfg[NAME_KEY]
+    check_trained_steps(cfg, NAME_KEY)
     check_choice("dpok.baseline", d["baseline"], BASELINES)
     check_choice("dpok.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
@@ -109,6 +117,9 @@ class Method:
                "cond": traj.cond.cpu().repeat_interleave(T, 0)}
         if traj.uncond is not None:
             new["uncond"] = traj.uncond.cpu().repeat_interleave(T, 0)
+        keep = torch.isin(new["t_index"], trained_steps(T, self.cfg.skip_first_steps, self.cfg.skip_last_steps))
+        if not bool(keep.all()):
+            new = {k: v[keep] for k, v in new.items()}
         for k, v in new.items():
             self.buffer[k] = torch.cat([self.buffer[k], v])[-self.cfg.buffer_size:] if k in self.buffer else v
         self.timesteps = traj.timesteps

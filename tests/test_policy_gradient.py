@@ -6,6 +6,8 @@ import torch
 
 from analytic_chain import LinearGaussianChain
 from bench import sampling
+from bench.config import resolve
+from bench.errors import BenchError
 from methods import ddpo
 
 
@@ -94,7 +96,7 @@ def test_per_prompt_stat_tracker():
 def _context(pipe_dir, method, overrides):
     import accelerate
 
-    from bench.config import Config, resolve
+    from bench.config import Config
     from bench.costs import Costs
     from bench.harness import Context
     from bench.lora import add_lora
@@ -131,6 +133,35 @@ def test_importance_ratio_is_exactly_one_before_the_first_update(small_pixel_pip
     assert torch.equal(ratios, torch.ones_like(ratios)), (ratios - 1).abs().max()
     assert metrics["clipfrac"] == 0 and metrics["updates"] == 1
     assert ctx.costs.images == 4 and ctx.costs.reward_queries == 4
+
+
+def test_skipped_steps_are_left_out_of_training(small_pixel_pipeline_dir, monkeypatch):
+    from methods import dpok
+
+    ctx = _context(small_pixel_pipeline_dir, "ddpo-sf", ["ddpo.samples_per_step=4", "ddpo.sample_batch_size=2",
+                                                          "ddpo.train_batch_size=2", "ddpo.grad_accum=2",
+                                                          "ddpo.skip_first_steps=1", "ddpo.skip_last_steps=1"])
+    assert ddpo.variant(ctx.cfg).endswith("/steps-1:2-of-3")
+    seen = []
+    real = ddpo.ddim_step
+
+    def spy(scheduler, eps, t, x_t, *args, **kw):
+        if kw.get("prev") is not None:  # the training phase's recomputed step
+            seen.append(t)
+        return real(scheduler, eps, t, x_t, *args, **kw)
+
+    monkeypatch.setattr(ddpo, "ddim_step", spy)
+    ddpo.Method(ctx).step()
+    timesteps = sampling.set_timesteps(ctx.pipe.scheduler, 3)
+    assert len(seen) == 2 and all(int(t.reshape(-1)[0]) == int(timesteps[1]) for t in seen)  # 2 minibatches x 1 step
+
+    ctx = _context(small_pixel_pipeline_dir, "dpok", ["dpok.g_batch=2", "dpok.p_step=1", "dpok.p_batch=2",
+                                                       "dpok.grad_accum=1", "dpok.skip_last_steps=2"])
+    m = dpok.Method(ctx)
+    m.step()
+    assert m.buffer["t_index"].tolist() == [0, 0] and len(m.buffer["x_t"]) == 2
+    with pytest.raises(BenchError, match="leave at least one"):
+        resolve("dpok", ["dpok.skip_first_steps=1", "dpok.skip_last_steps=9"])
 
 
 def test_dpok_kl_penalty_is_zero_at_the_base_model_and_grows(small_pixel_pipeline_dir):

@@ -44,6 +44,7 @@ sweep: $(STAMP)
 # study) into results/sweeps/paper; finished runs are skipped, so it also completes an interrupted sweep.
 paper-sweep: $(STAMP)
 	$(PY) -m bench sweep --file bench/sweeps/paper.yaml
+	$(PY) -m bench sweep --file bench/sweeps/paper-dpok.yaml
 	$(PY) -m bench sweep --file bench/sweeps/paper-alignprop-k1.yaml
 
 # Every figure and table the README shows, from a sweep folder (default: the committed results/sweeps/paper):

@@ -60,7 +60,8 @@ SHORT_COMMON = ["steps=4", "eval.every=2", "eval.grid_every=4", "checkpoint_ever
                 "eval.kl_seeds=1", "threads=1"]
 SHORT_METHOD = {
     "alignprop": ["alignprop.batch_size=4", "alignprop.lr=0.005"],
-    "ddpo": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
+    # grad_accum 1: two updates per round, so the second is off-policy and PPO's clipping is exercised
+    "ddpo": ["ddpo.samples_per_step=8", "ddpo.grad_accum=1", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
     "ddpo-sf": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
     "dpok": ["dpok.g_batch=8", "dpok.p_step=2"],
     "rlr": ["rlr.batch_size=4"],

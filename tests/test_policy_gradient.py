@@ -103,7 +103,9 @@ def _context(pipe_dir, method, overrides):
     from bench.pipeline import load_pipeline
     from rewards import get_reward
 
-    cfg = resolve(method, ["model=x", "sampler.num_steps=3"] + overrides)
+    key = "dpok" if method == "dpok" else "ddpo"
+    every_step = [f"{key}.skip_first_steps=0", f"{key}.skip_last_steps=0"]  # the presets skip 2 of 10 steps
+    cfg = resolve(method, ["model=x", "sampler.num_steps=3"] + every_step + overrides)
     cfg = Config({**cfg, "method_key": "ddpo" if method.startswith("ddpo") else method})
     pipe = load_pipeline(pipe_dir)
     params = add_lora(pipe.unet, 4, 4.0, seed=0)

@@ -86,7 +86,8 @@ def test_plugin_reward_trains_with_alignprop_and_heldout_metrics_are_logged(plug
     assert (df["eval_jpeg-compressibility_mean"] < 0).all()  # -kB
     # a policy-gradient method takes a non-differentiable weighted sum, each term logged on its own
     args = _small(small_pixel_pipeline_dir, tmp_path, "reward=saturation:1.0,jpeg-compressibility:0.1", "ddpo.samples_per_step=2",
-                  "ddpo.sample_batch_size=2", "ddpo.train_batch_size=2", "ddpo.grad_accum=1", "ddpo.stat_min_count=2")
+                  "ddpo.sample_batch_size=2", "ddpo.train_batch_size=2", "ddpo.grad_accum=1", "ddpo.stat_min_count=2",
+                  "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0")
     run_dir = str(tmp_path / "run2")
     harness.start(resolve("ddpo", args), run_dir)
     df = pd.read_parquet(os.path.join(run_dir, "metrics.parquet"))

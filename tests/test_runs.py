@@ -69,9 +69,10 @@ def test_run_writes_every_artefact_and_is_deterministic(small_run_args, tmp_path
 METHOD_ARGS = {
     "alignprop": [],
     "ddpo": ["ddpo.samples_per_step=4", "ddpo.sample_batch_size=2", "ddpo.train_batch_size=2", "ddpo.grad_accum=1",
-             "sampler.eta=1.0", "ddpo.lr=0.01", "ddpo.stat_min_count=2", "reward=jpeg-compressibility"],
+             "sampler.eta=1.0", "ddpo.lr=0.01", "ddpo.stat_min_count=2", "reward=jpeg-compressibility",
+             "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0"],
     "dpok": ["dpok.g_batch=2", "dpok.p_step=2", "dpok.p_batch=2", "dpok.grad_accum=1", "dpok.baseline=value",
-             "sampler.eta=1.0", "dpok.lr=0.01", "reward=jpeg-compressibility"],
+             "sampler.eta=1.0", "dpok.lr=0.01", "reward=jpeg-compressibility", "dpok.skip_first_steps=0", "dpok.skip_last_steps=0"],
 }
 
 

@@ -178,5 +178,12 @@ def check_trained_steps(cfg: dict, key: str) -> None:
                          f"least one of the sampler's {T} steps to train")
 
 
+def trained_steps_tag(cfg: dict, key: str) -> str:
+    """The variant suffix of a step skip, ``/steps-a:b-of-T`` (the trained steps a..b-1 of T); '' for none."""
+    d, T = cfg[key], cfg["sampler"]["num_steps"]
+    a, b = d["skip_first_steps"], d["skip_last_steps"]
+    return f"/steps-{a}:{T - b}-of-{T}" if a or b else ""
+
+
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)

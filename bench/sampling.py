@@ -63,7 +63,7 @@ def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
 def trained_steps(num_steps: int, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
     """Indices (sampling order, 0 = the step from pure noise) of the steps a policy gradient trains on:
     all of them unless the first / last few are skipped (their likelihood-ratio terms are the noisiest,
-    see the README's "Why policy gradients struggle here")."""
+    see the README's "Status of the policy-gradient methods")."""
     return torch.arange(skip_first, num_steps - skip_last)
 
 

@@ -27,8 +27,8 @@ update per sampling round, so it stays on-policy).  ``logprob_reduction`` record
 log-prob is averaged over latent elements (``mean``: ddpo-pytorch and trl, what clip_range 1e-4
 assumes) or summed (the true log-density).  ``skip_first_steps`` / ``skip_last_steps`` (default 0:
 every step, as the paper) leave the first / last denoising steps out of training, recorded in the variant
-as ``/steps-a:b``: in the tiny world their likelihood-ratio terms are ~50x noisier than the others'
-(README, "Why policy gradients struggle here"); dropping them biases the estimate (those steps' part of
+as ``/steps-a:b-of-T``: in the tiny world their likelihood-ratio terms are 25-100x larger than the others'
+and nearly pure noise (README, "Status of the policy-gradient methods"; ``bench/pg_diagnostics.py``); dropping them biases the estimate (those steps' part of
 the gradient is lost) and cuts its variance.
 """
 from __future__ import annotations
@@ -69,17 +69,13 @@ DEFAULTS = {
 
 
 def variant(cfg) -> str:
+    from bench.config import trained_steps_tag
+
     d = cfg[NAME_KEY]
     return (f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}"
             + ("/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
             + (f"/{d['prompts_per_step']}-prompts-per-round" if d["prompts_per_step"] else "")
-            + steps_tag(cfg))
-
-
-def steps_tag(cfg) -> str:
-    d, T = cfg[NAME_KEY], cfg["sampler"]["num_steps"]
-    a, b = d["skip_first_steps"], d["skip_last_steps"]
-    return f"/steps-{a}:{T - b}-of-{T}" if a or b else ""
+            + trained_steps_tag(cfg, NAME_KEY))
 
 
 def validate(cfg) -> None:

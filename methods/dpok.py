@@ -64,10 +64,10 @@ DEFAULTS = {
 
 
 def variant(cfg) -> str:
+    from bench.config import trained_steps_tag
+
     d = cfg[NAME_KEY]
-    a, b, T = d["skip_first_steps"], d["skip_last_steps"], cfg["sampler"]["num_steps"]
-    return (f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}"
-            + (f"/steps-{a}:{T - b}-of-{T}" if a or b else ""))
+    return f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}" + trained_steps_tag(cfg, NAME_KEY)
 
 
 def validate(cfg) -> None:
@@ -120,8 +120,7 @@ class Method:
         if traj.uncond is not None:
             new["uncond"] = traj.uncond.cpu().repeat_interleave(T, 0)
         keep = torch.isin(new["t_index"], trained_steps(T, self.cfg.skip_first_steps, self.cfg.skip_last_steps))
-        if not bool(keep.all()):
-            new = {k: v[keep] for k, v in new.items()}
+        new = {k: v[keep] for k, v in new.items()}
         for k, v in new.items():
             self.buffer[k] = torch.cat([self.buffer[k], v])[-self.cfg.buffer_size:] if k in self.buffer else v
         self.timesteps = traj.timesteps

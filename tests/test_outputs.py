@@ -23,7 +23,8 @@ def small_sweep_args(pipe_dir, prompts_file):
             "eval.grid_every=2", "eval.num_seeds=2", "eval.num_steps=2", "sampler.num_steps=2", "sampler.eta=1.0",
             "threads=1", "alignprop.batch_size=2", "alignprop.truncation=full", "alignprop.lr=0.05",
             "ddpo.samples_per_step=4", "ddpo.sample_batch_size=2", "ddpo.train_batch_size=2", "ddpo.grad_accum=1",
-            "ddpo.lr=0.01", "ddpo.stat_min_count=2", "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0"]  # every step of the 2-step sampler
+            "ddpo.lr=0.01", "ddpo.stat_min_count=2",
+            "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0"]  # every step of the 2-step sampler
 
 
 def _mtimes(run_dir):

@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep regress baselines
-.PHONY: setup bench test base-model judge base-quality tiny-rewards clean-venv parity
+.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards clean-venv parity
 
 setup: $(STAMP)
 
@@ -33,6 +33,14 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The quick loop: everything but the end-to-end runs through the harness (marked slow).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The style pyproject.toml states (tests/test_style.py runs the same check).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # A grid of method x seed (x reward) into one sweep folder; finished runs are skipped, killed ones resumed.
 #   make sweep METHODS="alignprop ddpo" SEEDS="0 1 2" REWARD=saturation [SWEEP=results/sweeps/NAME] [ARGS="--set steps=10"]
@@ -72,20 +80,20 @@ baselines: $(STAMP)
 
 # Recipes for the committed tiny-world weights (CPU: about an hour; a GPU: minutes).
 base-model: $(STAMP)
-	$(PY) -m bench.pretrain --out models/tiny-t2i --steps 3000
+	$(PY) -m bench.tinyworld.pretrain --out models/tiny-t2i --steps 3000
 
 judge: $(STAMP)
-	$(PY) -m bench.judge --out models/tiny-judge
+	$(PY) -m bench.tinyworld.judge --out models/tiny-judge
 
 # The tiny world's reward models: tiny-clip first (tiny-aesthetic sits on it), then tiny-aesthetic, tiny-count.
 tiny-rewards: $(STAMP)
-	$(PY) -m bench.train_rewards tiny-clip --out models/tiny-clip
-	$(PY) -m bench.train_rewards tiny-aesthetic --out models/tiny-aesthetic --clip models/tiny-clip
-	$(PY) -m bench.train_rewards tiny-count --out models/tiny-count
+	$(PY) -m bench.tinyworld.train_rewards tiny-clip --out models/tiny-clip
+	$(PY) -m bench.tinyworld.train_rewards tiny-aesthetic --out models/tiny-aesthetic --clip models/tiny-clip
+	$(PY) -m bench.tinyworld.train_rewards tiny-count --out models/tiny-count
 
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)
-	$(PY) -m bench.quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
+	$(PY) -m bench.tinyworld.base_quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
 
 # ImageReward parity: the original image-reward package (own venv, .parity-venv) vs rewards/imagereward.py
 parity: $(STAMP)

@@ -1,6 +1,9 @@
-"""DiffAlign: a benchmark harness for aligning text-to-image diffusion models."""
-from bench import _compat
+"""DiffAlign's harness: ``python -m bench run|list|sweep|compare|table|report|regress``.
 
-_compat.apply()
+It sits on top: it imports the ground floor (``diffalign``), the methods, the rewards and the prompt sets,
+and nothing below imports it.  ``bench/outputs/`` draws figures and tables from the store;
+``bench/tinyworld/`` holds the tiny world's judge and the recipes that build ``models/``.
+"""
+import diffalign  # noqa: F401  (applies the torchvision shim first)
 
-__version__ = "0.1.0"
+__version__ = diffalign.__version__

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench run|list``.
+"""Command line: ``python -m bench run|list|compare|sweep|table|report|regress``, one handler each.
 
     python -m bench run --method alignprop [--reward R] [--steps N] [--seed S] [--set KEY=VALUE ...]
     python -m bench run --resume RUN_DIR
@@ -21,7 +21,16 @@ import argparse
 import os
 import sys
 
-from bench.errors import BenchError
+from bench import regress, run, sweep
+from bench.config import resolve
+from bench.outputs import table
+from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side
+from bench.outputs.report import write_report
+from diffalign.errors import BenchError
+from diffalign.store import safe_name
+from methods import METHODS
+from prompts import available as available_prompt_sets
+from rewards import REGISTRY
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override, dotted keys, repeatable (e.g. alignprop.lr=3e-4)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     r.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides")
-    sub.add_parser("list", help="methods, rewards and prompt sets")
+    r.set_defaults(handler=_run)
+    sub.add_parser("list", help="methods, rewards and prompt sets").set_defaults(handler=_list)
     c = sub.add_parser("compare", help="curves of several runs (a line per method, +/- 1 SE over seeds), grids")
     _selection(c)
     c.add_argument("--metric", action="append", help="metric column(s) (default eval_reward_mean)")
@@ -56,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid-step", type=int, help="step of the grid (default: each run's final step)")
     c.add_argument("--grid-seed", type=int, default=0, help="which eval seed's samples (index, default 0)")
     c.add_argument("--title", default="")
+    c.set_defaults(handler=_compare)
     s = sub.add_parser("sweep", help="a grid of method x reward x seed into the store; skips finished runs")
     s.add_argument("--methods", nargs="+", help="methods (see 'bench list')")
     s.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0)")
@@ -64,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides for every run (a method's own section applies to it only)")
     s.add_argument("--root", help="sweep folder (default results/sweeps/default)")
     s.add_argument("--file", help="sweep YAML: methods, seeds, rewards, set, root")
+    s.set_defaults(handler=sweep.main)
     t = sub.add_parser("table", help="paper table: Markdown, LaTeX (booktabs) and CSV")
     _selection(t)
     t.add_argument("--out", required=True, metavar="STEM", help="writes STEM.md, STEM.tex, STEM.csv")
     t.add_argument("--threshold", type=float, help="eval reward to reach (default: halfway base -> best)")
+    t.set_defaults(handler=_table)
     h = sub.add_parser("report", help="one self-contained HTML page: curves, table, grids, run configs")
     _selection(h)
     h.add_argument("--out", required=True, help="HTML file")
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--grid-step", type=int)
     h.add_argument("--threshold", type=float)
     h.add_argument("--title", default="DiffAlign report")
+    h.set_defaults(handler=_report)
     g = sub.add_parser("regress", help="rerun short configs and check their curves against results/baselines/")
     g.add_argument("--methods", nargs="+", help="default: every method with a baseline (--update: every method)")
     g.add_argument("--update", action="store_true", help="record the baselines anew (commit what it writes)")
@@ -84,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --update: more overrides of the short config (stored in the baseline)")
     g.add_argument("--baselines", default=os.path.join("results", "baselines"))
     g.add_argument("--out", default=os.path.join("results", "regress"), help="where the plots go")
+    g.set_defaults(handler=regress.main)
     return p
 
 
@@ -94,80 +109,53 @@ def _selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", nargs="+", action="extend", help="only runs with these tags")
 
 
-def _select(args, complete_only: bool):
-    from bench.compare import select_runs
-
+def _select(args, complete_only: bool) -> list[RunData]:
     return select_runs(args.runs, args.method, args.reward, args.tag, complete_only=complete_only)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.cmd == "list":
-            from methods import METHODS
-            from prompts import available
-            from rewards import REGISTRY
-
-            print("methods:    ", ", ".join(sorted(METHODS)))
-            print("rewards:    ", ", ".join(sorted(REGISTRY)))
-            print("prompt sets:", ", ".join(available()))
-            return 0
-        if args.cmd == "compare":
-            return _compare(args)
-        if args.cmd == "sweep":
-            from bench import sweep
-
-            return sweep.main(args)
-        if args.cmd == "table":
-            from bench.table import write
-
-            for path in write(_select(args, complete_only=True), args.out, args.threshold):
-                print(f"wrote {path}")
-            return 0
-        if args.cmd == "report":
-            from bench.report import write_report
-
-            page = write_report(_select(args, complete_only=True), args.out, args.metric, args.x, args.grid_step,
-                                args.threshold, args.title)
-            print(f"wrote {page}")
-            return 0
-        if args.cmd == "regress":
-            from bench import regress
-
-            return regress.main(args)
-        from bench import harness
-
-        if args.resume:
-            run_dir, summary = harness.resume(args.resume)
-            method = "resumed run"
-        else:
-            if not args.method:
-                raise BenchError("run needs --method (or --resume RUN_DIR); see 'python -m bench list'")
-            from bench.config import resolve
-
-            overrides = list(args.overrides) + list(args.extra)
-            for key in ("reward", "steps", "seed", "model"):
-                if getattr(args, key) is not None:
-                    overrides.append(f"{key}={getattr(args, key)}")
-            cfg = resolve(args.method, overrides, args.preset)
-            method = cfg.method
-            run_dir, summary = harness.start(cfg, args.out)
-        print(summary_line(method, summary, run_dir))
-        return 0
+        return args.handler(args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _compare(args) -> int:
-    from bench.compare import plot_curves, plot_metrics, safe_name, side_by_side
+# ---- one handler per subcommand ---------------------------------------------------------------------------
 
+def _run(args) -> int:
+    if args.resume:
+        run_dir, summary = run.resume(args.resume)
+        method = "resumed run"
+    else:
+        if not args.method:
+            raise BenchError("run needs --method (or --resume RUN_DIR); see 'python -m bench list'")
+        overrides = list(args.overrides) + list(args.extra)
+        for key in ("reward", "steps", "seed", "model"):
+            if getattr(args, key) is not None:
+                overrides.append(f"{key}={getattr(args, key)}")
+        cfg = resolve(args.method, overrides, args.preset)
+        method = cfg.method
+        run_dir, summary = run.start(cfg, args.out)
+    print(summary_line(method, summary, run_dir))
+    return 0
+
+
+def _list(args) -> int:
+    print("methods:    ", ", ".join(sorted(METHODS)))
+    print("rewards:    ", ", ".join(sorted(REGISTRY)))
+    print("prompt sets:", ", ".join(available_prompt_sets()))
+    return 0
+
+
+def _compare(args) -> int:
     if not (args.out or args.out_dir or args.grid):
         raise BenchError("compare needs --out FILE (one figure), --out-dir DIR (a figure per metric) or --grid FILE")
     runs = _select(args, complete_only=False)
     metrics = args.metric or ["eval_reward_mean"]
     if args.out:
-        plot_metrics([r.path for r in runs], metrics, args.x, args.out, args.title)
+        plot_metrics(runs, metrics, args.x, args.out, args.title)
         print(f"wrote {args.out}")
     if args.out_dir:
         for path in plot_curves(runs, metrics, args.x, args.out_dir, args.title):
@@ -180,10 +168,23 @@ def _compare(args) -> int:
     return 0
 
 
+def _table(args) -> int:
+    for path in table.write(_select(args, complete_only=True), args.out, args.threshold):
+        print(f"wrote {path}")
+    return 0
+
+
+def _report(args) -> int:
+    page = write_report(_select(args, complete_only=True), args.out, args.metric, args.x, args.grid_step,
+                        args.threshold, args.title)
+    print(f"wrote {page}")
+    return 0
+
+
 def summary_line(method: str, s: dict, run_dir: str) -> str:
     fid = ""
     if s.get("fidelity_before") is not None:
         fid = f", prompt fidelity {s['fidelity_before']:.2f} -> {s['fidelity_after']:.2f}"
     return (f"{method}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
-            f"({s['eval_reward_gain_in_se']:+.1f} SE, paired {s.get('eval_reward_gain_in_paired_se', 0):+.1f} SE){fid}; {s['steps']} steps in {s['wall_time_s']:.0f} s; "
-            f"results in {run_dir}")
+            f"({s['eval_reward_gain_in_se']:+.1f} SE, paired {s.get('eval_reward_gain_in_paired_se', 0):+.1f} SE)"
+            f"{fid}; {s['steps']} steps in {s['wall_time_s']:.0f} s; results in {run_dir}")

@@ -1,9 +1,12 @@
 """Run configs: common defaults, a YAML preset per method, command-line overrides, validation.
 
-Resolution order: ``COMMON`` below, then the method's own ``DEFAULTS`` (under the method's name),
+Resolution order: ``COMMON`` below, then the method's own ``DEFAULTS`` (under its ``CONFIG_SECTION``),
 then ``bench/presets/<method>.yaml``, then ``--set key=value`` overrides (dotted keys, YAML values).
 Only keys that already exist can be set, and a value must have the type of its default, so a typo
 is an error naming the key and what is accepted, never a silently ignored setting.
+
+``resolve`` finishes the config: after validation it adds ``variant`` (the method's exact implementation
+variant) and ``method_key`` (its config section), so ``config.yaml`` holds exactly what ran.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import os
 
 import yaml
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
+from methods import method_module
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
@@ -31,7 +35,7 @@ COMMON: dict = {
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
     "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
-             "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off), with the training sampler at eta 1
+             "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off); training sampler, eta 1
              "metrics": ["tiny-rating", "tiny-clip"]},  # held-out rewards scored on the eval images, never trained on
     "checkpoint_every": 5,
     "tag": "",
@@ -117,12 +121,11 @@ def _looks_numeric(s: str) -> bool:
 
 
 def resolve(method: str, overrides: list[str] | None = None, preset: str | None = None) -> Config:
-    from methods import get_method
-
-    module = get_method(method)
+    """The run config of ``method``: defaults, preset, overrides, validated, with its variant named."""
+    module = method_module(method)
     base = copy.deepcopy(COMMON)
     base["method"] = method
-    base[module.NAME_KEY] = copy.deepcopy(module.DEFAULTS)
+    base[module.CONFIG_SECTION] = copy.deepcopy(module.DEFAULTS)
     preset = preset or os.path.join(PRESETS, f"{method}.yaml")
     if os.path.isfile(preset):
         with open(preset) as f:
@@ -137,7 +140,7 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
     for text in overrides or []:
         base = _merge(base, parse_override(text))
     validate(base, module)
-    return Config(base)
+    return Config({**base, "variant": module.variant(base), "method_key": module.CONFIG_SECTION})
 
 
 def validate(cfg: dict, module) -> None:
@@ -156,34 +159,3 @@ def validate(cfg: dict, module) -> None:
     if hasattr(module, "validate"):
         module.validate(cfg)
 
-
-def check_choice(key: str, value, accepted) -> None:
-    """A method's validate() helper: one error line naming the key, its value and what is accepted."""
-    if value not in accepted:
-        raise BenchError(f"{key} {value!r}; accepted: {', '.join(map(str, accepted))}")
-
-
-def check_stochastic_sampler(cfg: dict) -> None:
-    if cfg["sampler"]["eta"] <= 0:
-        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; "
-                         "accepted: eta > 0")
-
-
-def check_trained_steps(cfg: dict, key: str) -> None:
-    """``<key>.skip_first_steps`` / ``skip_last_steps`` must leave at least one step to train."""
-    d, T = cfg[key], cfg["sampler"]["num_steps"]
-    a, b = d["skip_first_steps"], d["skip_last_steps"]
-    if a < 0 or b < 0 or a + b >= T:
-        raise BenchError(f"{key}.skip_first_steps ({a}) and {key}.skip_last_steps ({b}) must be >= 0 and leave at "
-                         f"least one of the sampler's {T} steps to train")
-
-
-def trained_steps_tag(cfg: dict, key: str) -> str:
-    """The variant suffix of a step skip, ``/steps-a:b-of-T`` (the trained steps a..b-1 of T); '' for none."""
-    d, T = cfg[key], cfg["sampler"]["num_steps"]
-    a, b = d["skip_first_steps"], d["skip_last_steps"]
-    return f"/steps-{a}:{T - b}-of-{T}" if a or b else ""
-
-
-def dump(cfg: dict) -> str:
-    return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)

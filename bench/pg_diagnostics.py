@@ -23,14 +23,16 @@ import json
 
 import torch
 
+from diffalign.ddim import ddim_step
+from diffalign.lora import add_lora
+from diffalign.pipeline import load_pipeline
+from diffalign.sampling import guided_eps, initial_noise, sample, sample_with_grad
+from diffalign.store import atomic_write_text
+from prompts import load_prompts
+from rewards import get_reward
+
 
 def main(argv=None) -> None:
-    from bench.lora import add_lora
-    from bench.pipeline import load_pipeline
-    from bench.sampling import ddim_step, guided_eps, initial_noise, sample, sample_with_grad
-    from prompts import load_prompts
-    from rewards import get_reward
-
     p = argparse.ArgumentParser(prog="bench.pg_diagnostics")
     p.add_argument("--model", default="models/tiny-t2i")
     p.add_argument("--reward", default="tiny-aesthetic")
@@ -100,8 +102,6 @@ def main(argv=None) -> None:
               "pathwise_norm": float(ref.norm()), "per_step": rows, "sums": sums}
     print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=1))
     if a.out:
-        from bench.store import atomic_write_text
-
         atomic_write_text(a.out, json.dumps(result, indent=1))
 
 

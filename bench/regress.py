@@ -44,8 +44,14 @@ import time
 import numpy as np
 import pandas as pd
 
-from bench import store
-from bench.errors import BenchError
+from bench import run
+from bench.config import resolve
+from bench.outputs.plots import pyplot
+from diffalign import store
+from diffalign.errors import BenchError
+from diffalign.store import RunFolder
+from methods import METHODS
+from prompts import load_prompts
 
 BASELINES = os.path.join(store.RESULTS_ROOT, "baselines")
 REGRESS_OUT = os.path.join(store.RESULTS_ROOT, "regress")
@@ -65,7 +71,7 @@ SHORT_METHOD = {
     "ddpo-sf": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
     "dpok": ["dpok.g_batch=8", "dpok.p_step=2"],
     "rlr": ["rlr.batch_size=4"],
-    "rlr-code": ["rlr.batch_size=4"],
+    "rlr-code": ["rlr_code.batch_size=4"],
 }
 
 
@@ -78,7 +84,7 @@ def short_overrides(method: str, extra: list[str] | None = None) -> list[str]:
     return SHORT_COMMON + SHORT_METHOD.get(method, []) + list(extra or [])
 
 
-def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndarray, ...]:
     """mean, std, lower, upper over seeds (rows) at each step (columns), by the rule in the docstring;
     ``log``: on log values at the steps where every seed is positive."""
     mean = per_seed.mean(0)
@@ -97,20 +103,15 @@ def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndar
 
 def _floor(metric: str, cfg: dict) -> float:
     if metric == "fidelity":
-        from prompts import load_prompts
-
         n = len(load_prompts(cfg["eval_prompts"])) * cfg["eval"]["num_seeds"]
         return 1.01 / n
     return ABS_FLOOR
 
 
 def _run(method: str, overrides: list[str], seed: int, root: str) -> pd.DataFrame:
-    from bench import harness
-    from bench.config import resolve
-
     cfg = resolve(method, overrides + [f"seed={seed}"])
-    run_dir, _ = harness.start(cfg, os.path.join(root, f"{method}-seed{seed}"))
-    return pd.read_parquet(os.path.join(run_dir, "metrics.parquet"))
+    run_dir, _ = run.start(cfg, os.path.join(root, f"{method}-seed{seed}"))
+    return RunFolder(run_dir).read_metrics()
 
 
 def _finite_steps(df: pd.DataFrame) -> dict[str, set]:
@@ -124,9 +125,6 @@ def _finite_steps(df: pd.DataFrame) -> dict[str, set]:
 
 def record(method: str, seeds: list[int], extra: list[str] | None = None, workdir: str | None = None) -> dict:
     """Run the short config on every seed and build the baseline (curves, bands, finite columns)."""
-    from bench.config import resolve
-    from bench.harness import _git_commit
-
     overrides = short_overrides(method, extra)
     cfg = resolve(method, overrides)
     tmp = workdir or tempfile.mkdtemp(prefix=f"regress-{method}-")
@@ -149,18 +147,12 @@ def record(method: str, seeds: list[int], extra: list[str] | None = None, workdi
                      "lower": lower.tolist(), "upper": upper.tolist()}
     finite = [_finite_steps(f) for f in frames]
     always = {c: sorted(set.intersection(*(fs.get(c, set()) for fs in finite))) for c in finite[0]}
-    return {"method": method, "overrides": overrides, "seeds": list(seeds), "variant": _variant(method, cfg),
+    return {"method": method, "overrides": overrides, "seeds": list(seeds), "variant": cfg["variant"],
             "rule": RULE,
             "curves": curves, "finite": {c: s for c, s in always.items() if s},
             "seconds_per_run": round(seconds, 1), "threads": cfg["threads"],
             "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": _git_commit()}
-
-
-def _variant(method: str, cfg) -> str:
-    from methods import get_method
-
-    return get_method(method).variant(cfg)
+            "git": run.git_commit()}
 
 
 def check(baseline: dict, frames: list[pd.DataFrame]) -> list[str]:
@@ -189,9 +181,7 @@ def check(baseline: dict, frames: list[pd.DataFrame]) -> list[str]:
 
 
 def plot(baseline: dict, frames: list[pd.DataFrame], problems: list[str], path: str) -> None:
-    from bench.compare import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted(baseline["curves"], key=lambda m: (m != "eval_reward_mean", m))
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
     for ax, m in zip(axes[0], names):
@@ -226,8 +216,6 @@ def available(directory: str) -> list[str]:
 def regress(methods: list[str] | None, baselines: str = BASELINES, out: str = REGRESS_OUT,
             seeds: list[int] | None = None, log=print) -> list[str]:
     """Rerun every baselined method (or ``methods``); returns the problem lines (empty = pass)."""
-    from methods import METHODS
-
     have = available(baselines)
     if methods:
         missing = [m for m in methods if m not in have]
@@ -264,8 +252,6 @@ def regress(methods: list[str] | None, baselines: str = BASELINES, out: str = RE
 def update(methods: list[str] | None, baselines: str = BASELINES, seeds: list[int] | None = None,
            extra: list[str] | None = None, log=print) -> list[str]:
     """Record the baselines of ``methods`` (default: every registered method) anew."""
-    from methods import METHODS
-
     written = []
     for method in methods or sorted(METHODS):
         t0 = time.time()

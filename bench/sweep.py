@@ -8,7 +8,7 @@ same resolved config is the same run, and its folder is ``<root>/<method>-<rewar
 So running a sweep again
 
 - skips every run whose manifest says ``complete``,
-- resumes (``bench.harness.resume``) every run that was interrupted (manifest ``running``), from its
+- resumes (``bench.run.resume``) every run that was interrupted (manifest ``running``), from its
   last checkpoint, and
 - starts the runs that have no folder yet,
 
@@ -27,8 +27,12 @@ import sys
 
 import yaml
 
-from bench import store
-from bench.errors import BenchError
+from bench import run
+from bench.config import resolve
+from diffalign import store
+from diffalign.errors import BenchError
+from diffalign.store import RunFolder, safe_name
+from methods import METHODS, method_module
 
 SWEEP_CRASH_RUN_ENV = "DIFFALIGN_SWEEP_CRASH_RUN"  # tests: the harness's crash env applies to this run only (1-based)
 DEFAULT_ROOT = os.path.join(store.RESULTS_ROOT, "sweeps", "default")
@@ -52,9 +56,7 @@ def config_hash(cfg: dict) -> str:
 
 
 def _method_sections() -> dict[str, str]:
-    from methods import METHODS, get_method
-
-    return {m: get_method(m).NAME_KEY for m in METHODS}
+    return {m: method_module(m).CONFIG_SECTION for m in METHODS}
 
 
 def overrides_for(method: str, overrides: list[str]) -> list[str]:
@@ -67,13 +69,10 @@ def overrides_for(method: str, overrides: list[str]) -> list[str]:
 
 def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: list[str], root: str) -> list[PlannedRun]:
     """Resolve every run of the grid (bad input fails here, before anything runs)."""
-    from bench.config import resolve
-    from methods import get_method
-
     if not methods:
         raise BenchError("a sweep needs --methods (one or more); see 'python -m bench list'")
     for m in methods:
-        get_method(m)  # unknown method -> one clear line
+        method_module(m)  # unknown method -> one clear line
     runs = []
     for reward in rewards or [None]:
         for method in methods:
@@ -81,32 +80,23 @@ def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: li
                 extra = [f"seed={seed}"] + ([f"reward={reward}"] if reward else [])
                 cfg = resolve(method, overrides_for(method, overrides) + extra)
                 run_id = config_hash(cfg)
-                name = store_name(f"{method}-{cfg['reward']}-seed{seed}-{run_id}")
+                name = safe_name(f"{method}-{cfg['reward']}-seed{seed}-{run_id}")
                 runs.append(PlannedRun(method, cfg["reward"], seed, cfg, run_id, os.path.join(root, name)))
     return runs
 
 
-def store_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
-
-
 def status_of(run_dir: str) -> str:
     """'new' (no run there yet), 'complete' or 'interrupted'."""
-    path = os.path.join(run_dir, "manifest.json")
-    if not os.path.isfile(path):
-        return "new"
-    with open(path) as f:
-        return "complete" if json.load(f).get("status") == "complete" else "interrupted"
+    return RunFolder(run_dir).status()
 
 
-def _check_identity(run: PlannedRun) -> None:
-    path = os.path.join(run.run_dir, "config.yaml")
-    if os.path.isfile(path):
-        with open(path) as f:
-            held = config_hash(yaml.safe_load(f))
-        if held != run.run_id:
-            raise BenchError(f"run folder {run.run_dir!r} holds another config (hash {held}, expected {run.run_id}); "
-                             "accepted: a folder written by this sweep, or remove it")
+def _check_identity(planned: PlannedRun) -> None:
+    folder = RunFolder(planned.run_dir)
+    if os.path.isfile(folder.config_path):
+        held = config_hash(folder.read_config())
+        if held != planned.run_id:
+            raise BenchError(f"run folder {planned.run_dir!r} holds another config (hash {held}, expected "
+                             f"{planned.run_id}); accepted: a folder written by this sweep, or remove it")
 
 
 def write_index(root: str, runs: list[PlannedRun], outcome: dict[str, str]) -> None:
@@ -124,21 +114,19 @@ def write_index(root: str, runs: list[PlannedRun], outcome: dict[str, str]) -> N
 
 def run_sweep(runs: list[PlannedRun], root: str, log=print) -> dict[str, str]:
     """Run (or skip, or resume) every planned run in order; returns run_id -> outcome."""
-    from bench import harness
-
     for r in runs:
         _check_identity(r)
     os.makedirs(root, exist_ok=True)
     outcome: dict[str, str] = {}
     write_index(root, runs, outcome)
-    crash_step = os.environ.get(harness.CRASH_ENV)
+    crash_step = os.environ.get(run.CRASH_ENV)
     crash_run = os.environ.get(SWEEP_CRASH_RUN_ENV)
     for i, r in enumerate(runs, 1):
         if crash_run is not None:  # tests: only the chosen run is killed by the harness's crash switch
             if i == int(crash_run) and crash_step:
-                os.environ[harness.CRASH_ENV] = crash_step
+                os.environ[run.CRASH_ENV] = crash_step
             else:
-                os.environ.pop(harness.CRASH_ENV, None)
+                os.environ.pop(run.CRASH_ENV, None)
         what = f"[{i}/{len(runs)}] {r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)})"
         state = status_of(r.run_dir)
         try:
@@ -148,10 +136,10 @@ def run_sweep(runs: list[PlannedRun], root: str, log=print) -> dict[str, str]:
                 continue
             if state == "interrupted":
                 log(f"{what}: interrupted, resuming")
-                harness.resume(r.run_dir)
+                run.resume(r.run_dir)
             else:
                 log(f"{what}: running")
-                harness.start(r.cfg, r.run_dir)
+                run.start(r.cfg, r.run_dir)
             outcome[r.run_id] = "complete"
         except BenchError as e:  # e.g. a method that needs a differentiable reward: this run only
             log(f"{what}: refused: {e}")

@@ -17,7 +17,7 @@ import importlib.util
 import math
 import os
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 
 
 def _installed(*modules: str) -> bool:
@@ -25,13 +25,13 @@ def _installed(*modules: str) -> bool:
 
 
 def _tensorboard(run_dir: str):
-    from accelerate.tracking import TensorBoardTracker
+    from accelerate.tracking import TensorBoardTracker  # lazy: optional package (tensorboard)
 
     return TensorBoardTracker(run_name="tensorboard", logging_dir=run_dir)
 
 
 def _wandb(run_dir: str):
-    from accelerate.tracking import WandBTracker
+    from accelerate.tracking import WandBTracker  # lazy: optional package (wandb)
 
     return WandBTracker(run_name=os.path.basename(os.path.normpath(run_dir)),
                         project=os.environ.get("WANDB_PROJECT", "diffalign"), dir=run_dir,

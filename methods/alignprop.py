@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.sampling import K_DISTS, TRUNCATIONS, sample_with_grad, truncation_mask
+from diffalign.errors import BenchError, check_choice
+from diffalign.sampling import sample_with_grad
 
-NAME_KEY = "alignprop"
+CONFIG_SECTION = "alignprop"
 NEEDS_DIFFERENTIABLE_REWARD = True
+TRUNCATIONS = ("full", "per_step", "last_k")
+K_DISTS = ("fixed", "uniform", "gaussian")
 DEFAULTS = {
     "batch_size": 8,
     "grad_accum": 1,
@@ -52,7 +55,7 @@ DEFAULTS = {
 
 
 def variant(cfg) -> str:
-    a = cfg[NAME_KEY]
+    a = cfg[CONFIG_SECTION]
     if a["truncation"] == "last_k":
         k = a["k"] if a["k_dist"] == "fixed" else a["k_dist"]
         return f"alignprop/last_k(K={k})"
@@ -60,16 +63,56 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice
-    from bench.errors import BenchError
-
-    a = cfg[NAME_KEY]
+    a = cfg[CONFIG_SECTION]
     check_choice("alignprop.truncation", a["truncation"], TRUNCATIONS)
     check_choice("alignprop.k_dist", a["k_dist"], K_DISTS)
     if not 1 <= a["k"] <= cfg["sampler"]["num_steps"]:
         raise BenchError(f"alignprop.k = {a['k']}; accepted: 1..sampler.num_steps ({cfg['sampler']['num_steps']})")
     if a["batch_size"] < 1 or a["grad_accum"] < 1:
         raise BenchError("alignprop.batch_size and alignprop.grad_accum must be >= 1")
+
+
+# ---- the truncation rule: which steps keep their UNet's gradient -----------------------------------------
+
+
+def truncation_mask(variant: str, num_steps: int, generator: torch.Generator, k: int = 1,
+                    k_dist: str = "fixed", k_mean: float | None = None, k_std: float | None = None) -> list[bool]:
+    """Which steps keep their UNet gradient, under the named truncation rule.
+
+    - ``full``: every step (full backprop through time; collapsed in the AlignProp paper).
+    - ``per_step``: AlignProp v1's code: at every step i (0-based, 0 = pure noise) draw
+      u ~ U{0..T} afresh and keep step i iff i >= u, so step i keeps its gradient with probability
+      (i+1)/(T+1), rising along the chain (about T/2 steps on average, not contiguous).
+    - ``last_k``: the current AlignProp code: one contiguous suffix of K steps, K drawn once per
+      sampling call: ``fixed`` (K = k), ``uniform`` (K ~ U{1..T}) or ``gaussian``
+      (K = round(N(k_mean, k_std)) clipped to [1, T]; the code's t_bp ~ N(42, 5) on 50 steps is
+      K ~ N(8, 5), which ``k_mean``/``k_std`` default to, scaled by T/50).
+    """
+    if variant == "full":
+        return [True] * num_steps
+    if variant == "per_step":
+        u = torch.randint(0, num_steps + 1, (num_steps,), generator=generator)
+        return [i >= int(u[i]) for i in range(num_steps)]
+    if variant == "last_k":
+        kk = draw_k(num_steps, generator, k, k_dist, k_mean, k_std)
+        return [i >= num_steps - kk for i in range(num_steps)]
+    raise ValueError(f"truncation {variant!r}: accepted {TRUNCATIONS}")
+
+
+def draw_k(num_steps: int, generator: torch.Generator, k: int = 1, k_dist: str = "fixed",
+           k_mean: float | None = None, k_std: float | None = None) -> int:
+    """K of the ``last_k`` rule (see ``truncation_mask``), in 1..num_steps."""
+    if k_dist == "fixed":
+        kk = k
+    elif k_dist == "uniform":
+        kk = int(torch.randint(1, num_steps + 1, (1,), generator=generator))
+    elif k_dist == "gaussian":
+        mean = 8.0 * num_steps / 50 if k_mean is None else k_mean
+        std = 5.0 * num_steps / 50 if k_std is None else k_std
+        kk = round(mean + std * float(torch.randn((), generator=generator)))
+    else:
+        raise ValueError(f"k_dist {k_dist!r}: accepted {K_DISTS}")
+    return max(1, min(num_steps, int(kk)))
 
 
 class Method:
@@ -84,20 +127,26 @@ class Method:
         return c.loss_coeff * (rewards - c.reward_target).abs().mean()
 
     def step(self) -> dict:
-        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
+        ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         rewards, grad_steps = [], []
         for _ in range(c.grad_accum):
+            # 1. c_1..c_B ~ train prompts, x_T ~ N(0, I)
             prompts = ctx.draw_prompts(c.batch_size)
             x_T = ctx.noise(c.batch_size)
-            mask = truncation_mask(c.truncation, s.num_steps, ctx.generator, c.k, c.k_dist, c.k_mean, c.k_std)
-            images = sample_with_grad(ctx.pipe, prompts, x_T, s.num_steps, s.guidance, s.eta, grad_mask=mask,
-                                      checkpointing=c.checkpointing, generator=ctx.generator, costs=ctx.costs)
+            # 2. mask <- truncation rule
+            mask = truncation_mask(c.truncation, sampler.num_steps, ctx.generator, c.k, c.k_dist, c.k_mean, c.k_std)
+            # 3. x0 <- DDIM(x_T, c; theta) with gradients through the masked steps
+            images = sample_with_grad(ctx.pipe, prompts, x_T, sampler.num_steps, sampler.guidance, sampler.eta,
+                                      grad_mask=mask, checkpointing=c.checkpointing, generator=ctx.generator,
+                                      costs=ctx.costs)
+            # 4. L <- -loss_coeff * mean R (accumulated over grad_accum batches)
             r = ctx.score(images, prompts)
             loss = self.loss(r) / c.grad_accum
             if loss.requires_grad:  # per_step can, rarely, keep no step at all: then no gradient
                 ctx.backward(loss)
             rewards.append(r.detach().float().cpu())
             grad_steps.append(sum(mask))
+        # 5. theta <- AdamW(theta, clip(grad L, grad_clip))
         grad_norm = ctx.clip_grad(c.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

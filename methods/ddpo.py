@@ -27,9 +27,8 @@ update per sampling round, so it stays on-policy).  ``logprob_reduction`` record
 log-prob is averaged over latent elements (``mean``: ddpo-pytorch and trl, what clip_range 1e-4
 assumes) or summed (the true log-density).  ``skip_first_steps`` / ``skip_last_steps`` (default 0:
 every step, as the paper) leave the first / last denoising steps out of training, recorded in the variant
-as ``/steps-a:b-of-T``: in the tiny world their likelihood-ratio terms are 25-100x larger than the others'
-and nearly pure noise (README, "Status of the policy-gradient methods"; ``bench/pg_diagnostics.py``); dropping them biases the estimate (those steps' part of
-the gradient is lost) and cuts its variance.
+as ``/steps-a:b-of-T``; biased (those steps' part of the gradient is lost), for a lower variance.  Why, and
+what was measured: ``docs/methods/policy_gradient.md``.
 """
 from __future__ import annotations
 
@@ -37,10 +36,23 @@ import math
 
 import torch
 
-from bench.advantages import PerPromptStatTracker, batch_normalise, ppo_clipped_surrogate
-from bench.sampling import LOGPROB_REDUCTIONS, ddim_step, guided_eps, sample, trained_steps
+from diffalign.ddim import LOGPROB_REDUCTIONS, ddim_step
+from diffalign.errors import BenchError, check_choice
+from diffalign.policy_gradient import (
+    PerPromptStatTracker,
+    Surrogate,
+    SurrogateStats,
+    batch_normalise,
+    check_stochastic_sampler,
+    check_trained_steps,
+    ppo_clipped_surrogate,
+    reinforce_surrogate,
+    trained_steps,
+    trained_steps_tag,
+)
+from diffalign.sampling import Trajectory, guided_eps, sample
 
-NAME_KEY = "ddpo"
+CONFIG_SECTION = "ddpo"
 NEEDS_DIFFERENTIABLE_REWARD = False
 ESTIMATORS = ("is", "sf")
 DEFAULTS = {
@@ -69,26 +81,22 @@ DEFAULTS = {
 
 
 def variant(cfg) -> str:
-    from bench.config import trained_steps_tag
-
-    d = cfg[NAME_KEY]
+    d = cfg[CONFIG_SECTION]
     return (f"ddpo-{d['estimator']}/logprob-{d['logprob_reduction']}"
             + ("/per-prompt-adv" if d["per_prompt_stats"] else "/batch-adv")
             + (f"/{d['prompts_per_step']}-prompts-per-round" if d["prompts_per_step"] else "")
-            + trained_steps_tag(cfg, NAME_KEY))
+            + trained_steps_tag(cfg, CONFIG_SECTION))
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice, check_stochastic_sampler, check_trained_steps
-    from bench.errors import BenchError
-
-    d = cfg[NAME_KEY]
-    check_trained_steps(cfg, NAME_KEY)
+    d = cfg[CONFIG_SECTION]
+    check_trained_steps(cfg, CONFIG_SECTION)
     check_choice("ddpo.estimator", d["estimator"], ESTIMATORS)
     check_choice("ddpo.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
     if cfg["method"] == "ddpo-sf" and d["estimator"] != "sf":
-        raise BenchError("method 'ddpo-sf' needs ddpo.estimator=sf; for the importance-sampling variant use method 'ddpo'")
+        raise BenchError("method 'ddpo-sf' needs ddpo.estimator=sf; for the importance-sampling variant use "
+                         "method 'ddpo'")
     n, b, tb = d["samples_per_step"], d["sample_batch_size"], d["train_batch_size"]
     if n % b or n % (tb * d["grad_accum"]):
         raise BenchError(f"ddpo.samples_per_step ({n}) must be a multiple of sample_batch_size ({b}) and of "
@@ -104,10 +112,10 @@ def validate(cfg) -> None:
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, estimator: str,
-                clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step surrogate loss (mean over the batch) and the importance ratios."""
+                clip_range: float) -> Surrogate:
+    """Per-step surrogate loss (mean over the batch): REINFORCE (SF) or PPO's clipped ratio (IS)."""
     if estimator == "sf":
-        return -(advantages * log_prob).mean(), torch.exp(log_prob - old_log_prob)
+        return reinforce_surrogate(log_prob, old_log_prob, advantages, clip_range)
     return ppo_clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
 
 
@@ -118,65 +126,63 @@ class Method:
         self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
 
     # ---- sampling phase ----------------------------------------------------------------------------
-    def collect(self) -> dict:
-        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
-        parts = []
-        round_prompts = ctx.draw_prompts(c.samples_per_step, c.prompts_per_step)
+    def collect(self) -> tuple[list[str], Trajectory, torch.Tensor, torch.Tensor]:
+        """One sampling round: prompts, the trajectories, their rewards and clipped advantages."""
+        ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
+        # 1. c ~ prompts, x_T ~ N(0, I); DDIM (eta = 1, CFG), storing every latent and step log-prob
+        prompts = ctx.draw_prompts(c.samples_per_step, c.prompts_per_step)
+        parts, rewards = [], []
         for b in range(0, c.samples_per_step, c.sample_batch_size):
-            prompts = round_prompts[b:b + c.sample_batch_size]
-            traj = sample(ctx.pipe, prompts, ctx.noise(c.sample_batch_size), s.num_steps, s.guidance, s.eta,
-                          generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
-            parts.append((prompts, traj, ctx.score(traj.images, prompts).float().cpu()))
-        prompts = [p for part in parts for p in part[0]]
-        rewards = torch.cat([part[2] for part in parts])
+            batch_prompts = prompts[b:b + c.sample_batch_size]
+            traj = sample(ctx.pipe, batch_prompts, ctx.noise(c.sample_batch_size), sampler.num_steps,
+                          sampler.guidance, sampler.eta, generator=ctx.generator, costs=ctx.costs,
+                          reduction=c.logprob_reduction)
+            parts.append(traj)
+            # 2. r = reward(x0, c)
+            rewards.append(ctx.score(traj.images, batch_prompts).float().cpu())
+        rewards = torch.cat(rewards)
+        # 3. A = per-prompt normalised r (or over the batch), clipped
         adv = self.tracker.update(prompts, rewards) if c.per_prompt_stats else batch_normalise(rewards)
-        cat = lambda name: torch.cat([getattr(part[1], name) for part in parts])  # noqa: E731
-        return {"prompts": prompts, "rewards": rewards, "advantages": adv.clamp(-c.adv_clip, c.adv_clip),
-                "latents": cat("latents"), "log_probs": cat("log_probs"), "cond": cat("cond"),
-                "uncond": cat("uncond") if parts[0][1].uncond is not None else None,
-                "timesteps": parts[0][1].timesteps}
+        return prompts, Trajectory.cat(parts), rewards, adv.clamp(-c.adv_clip, c.adv_clip)
 
     # ---- training phase ----------------------------------------------------------------------------
     def step(self) -> dict:
-        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
-        batch = self.collect()
-        n, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
+        ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
+        _, traj, rewards, advantages = self.collect()
+        n, T = traj.latents.shape[0], traj.log_probs.shape[1]
         steps = trained_steps(T, c.skip_first_steps, c.skip_last_steps)
         n_t = math.ceil(c.timestep_fraction * len(steps))
         g = ctx.generator
-        ratios, clipfrac, approx_kl, losses = [], [], [], []
+        stats = SurrogateStats()
         micro = 0
         for _ in range(c.inner_epochs):
+            # 4. shuffle the samples, and every sample's trained steps independently; keep the first n_t
             perm = torch.randperm(n, generator=g)
             order = torch.stack([steps[torch.randperm(len(steps), generator=g)] for _ in range(n)])  # per sample
             for start in range(0, n, c.train_batch_size):
                 idx = perm[start:start + c.train_batch_size]
                 for j in range(n_t):
                     ti = order[idx, j]
-                    x_t, x_prev = batch["latents"][idx, ti], batch["latents"][idx, ti + 1]
-                    t = batch["timesteps"][ti]
-                    uncond = batch["uncond"][idx] if batch["uncond"] is not None else None
-                    eps = guided_eps(ctx.pipe.unet, x_t, t, batch["cond"][idx], uncond, s.guidance, ctx.costs,
+                    x_t, x_prev = traj.latents[idx, ti], traj.latents[idx, ti + 1]
+                    t = traj.timesteps[ti]
+                    uncond = traj.uncond[idx] if traj.uncond is not None else None
+                    # 5. log p_theta(stored x_{t-1} | stored x_t, c), the guided prediction recomputed
+                    eps = guided_eps(ctx.pipe.unet, x_t, t, traj.cond[idx], uncond, sampler.guidance, ctx.costs,
                                      with_grad=True)
-                    lp = ddim_step(ctx.pipe.scheduler, eps, t, x_t, s.num_steps, s.eta, prev=x_prev,
+                    lp = ddim_step(ctx.pipe.scheduler, eps, t, x_t, sampler.num_steps, sampler.eta, prev=x_prev,
                                    reduction=c.logprob_reduction).log_prob
-                    old = batch["log_probs"][idx, ti].to(lp.device)
-                    adv = batch["advantages"][idx].to(lp.device)
-                    loss, ratio = policy_loss(lp, old, adv, c.estimator, c.clip_range)
-                    ctx.backward(loss / (n_t * c.grad_accum))
-                    ratios.append(ratio.detach().cpu())
-                    clipfrac.append(((ratio.detach() - 1).abs() > c.clip_range).float().cpu())
-                    approx_kl.append((0.5 * (lp.detach() - old) ** 2).cpu())
-                    losses.append(float(loss.detach()))
+                    # 6. SF: -A log p_theta;  IS: PPO's clipped -A rho
+                    out = policy_loss(lp, traj.log_probs[idx, ti].to(lp.device), advantages[idx].to(lp.device),
+                                      c.estimator, c.clip_range)
+                    ctx.backward(out.loss / (n_t * c.grad_accum))
+                    stats.add(out)
                 micro += 1
+                # 7. accumulated over grad_accum minibatches x kept timesteps: clip, AdamW step
                 if micro % c.grad_accum == 0:
                     ctx.clip_grad(c.grad_clip)
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
-        r = batch["rewards"]
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "ratio_mean": float(torch.cat(ratios).mean()), "clipfrac": float(torch.cat(clipfrac).mean()),
-                "approx_kl": float(torch.cat(approx_kl).mean()), "loss": sum(losses) / len(losses),
+        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), **stats.summary(),
                 "updates": micro // c.grad_accum}
 
     def state_dict(self) -> dict:

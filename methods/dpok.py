@@ -24,18 +24,27 @@ The log-prob and the KL are reduced over latent elements the same way (``logprob
 ``mean`` as the reference code's log-prob, or ``sum``); both are recorded in the run config.
 ``skip_first_steps`` / ``skip_last_steps`` (default 0: every step) are DDPO's option of the same name
 (methods/ddpo.py): those transitions are left out of the buffer, so both terms act on the trained steps
-only; recorded in the variant.  (Keeping them for the KL term alone was tried: the last step's sigma of 0.0064
-makes its KL gradient dominate every update, and the eval reward stayed flat at kl_weight 1e-2 and 1e-3.)
+only; recorded in the variant.  What was tried and measured: ``docs/methods/policy_gradient.md``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from bench.advantages import batch_normalise
-from bench.sampling import LOGPROB_REDUCTIONS, base_model, ddim_step, gaussian_kl, guided_eps, sample, trained_steps
+from diffalign.ddim import LOGPROB_REDUCTIONS, ddim_step, gaussian_kl
+from diffalign.errors import check_choice
+from diffalign.policy_gradient import (
+    Surrogate,
+    SurrogateStats,
+    batch_normalise,
+    check_stochastic_sampler,
+    check_trained_steps,
+    trained_steps,
+    trained_steps_tag,
+)
+from diffalign.sampling import base_model, guided_eps, sample
 
-NAME_KEY = "dpok"
+CONFIG_SECTION = "dpok"
 NEEDS_DIFFERENTIABLE_REWARD = False
 BASELINES = ("batch", "value", "none")
 DEFAULTS = {
@@ -64,17 +73,14 @@ DEFAULTS = {
 
 
 def variant(cfg) -> str:
-    from bench.config import trained_steps_tag
-
-    d = cfg[NAME_KEY]
-    return f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}" + trained_steps_tag(cfg, NAME_KEY)
+    d = cfg[CONFIG_SECTION]
+    return (f"dpok/clamp-ratio/kl-{d['logprob_reduction']}/baseline-{d['baseline']}"
+            + trained_steps_tag(cfg, CONFIG_SECTION))
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice, check_stochastic_sampler, check_trained_steps
-
-    d = cfg[NAME_KEY]
-    check_trained_steps(cfg, NAME_KEY)
+    d = cfg[CONFIG_SECTION]
+    check_trained_steps(cfg, CONFIG_SECTION)
     check_choice("dpok.baseline", d["baseline"], BASELINES)
     check_choice("dpok.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
@@ -101,6 +107,7 @@ class Method:
         c = self.cfg
         self.opt = ctx.adamw()
         self.buffer: dict[str, torch.Tensor] = {}
+        self.timesteps: torch.Tensor | None = None  # the sampler's timesteps (set by the first round)
         self.rounds = 0
         self.value = None
         if c.baseline == "value":
@@ -152,57 +159,62 @@ class Method:
         return r[idx]
 
     def step(self) -> dict:
-        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
+        ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
+        # 1. sample g_batch trajectories, score them, store their transitions in the replay buffer
         prompts = ctx.draw_prompts(c.g_batch)
-        traj = sample(ctx.pipe, prompts, ctx.noise(c.g_batch), s.num_steps, s.guidance, s.eta,
+        traj = sample(ctx.pipe, prompts, ctx.noise(c.g_batch), sampler.num_steps, sampler.guidance, sampler.eta,
                       generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
         rewards = ctx.score(traj.images, prompts).float().cpu()
         self.add_to_buffer(traj, rewards)
         self.rounds += 1
+        # 2. [value baseline: fit V(x_t, c, t) to the final reward]
         v_loss = self.fit_value() if self.value is not None else float("nan")
         kl_on = self.rounds > c.kl_warmup
         unet, n = ctx.pipe.unet, len(self.buffer["reward"])
-        ratios, kls, clipfrac = [], [], []
+        stats = SurrogateStats()
         for _ in range(c.p_step):
             for _ in range(c.grad_accum):
+                # 3. draw p_batch transitions from the buffer
                 idx = torch.randint(0, n, (c.p_batch,), generator=ctx.generator)
                 b = {k: v[idx].to(ctx.pipe.device) for k, v in self.buffer.items()}
                 t = self.timesteps[b["t_index"].cpu()]
-                eps = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs, with_grad=True)
-                out = ddim_step(ctx.pipe.scheduler, eps, t, b["x_t"], s.num_steps, s.eta, prev=b["x_prev"],
+                # 4. rho = exp(log p_theta(x_{t-1} | x_t, c) - log p_old); L = -alpha A clamp(rho, 1 - eps, 1 + eps)
+                eps = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), sampler.guidance, ctx.costs,
+                                 with_grad=True)
+                out = ddim_step(ctx.pipe.scheduler, eps, t, b["x_t"], sampler.num_steps, sampler.eta, prev=b["x_prev"],
                                 reduction=c.logprob_reduction)
                 ratio = torch.exp(out.log_prob - b["log_prob"])
                 adv = self.advantages(idx).to(ratio.device)
                 loss = -(c.reward_weight * adv * torch.clamp(ratio, 1 - c.ratio_clip, 1 + c.ratio_clip)).mean()
-                with torch.no_grad(), base_model(unet) as base_unet:  # the pretrained policy's mean
-                    eps_pre = guided_eps(base_unet, b["x_t"], t, b["cond"], b.get("uncond"), s.guidance, ctx.costs)
-                    mean_pre = ddim_step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], s.num_steps, s.eta).mean
+                # 5. + beta ||mu_theta - mu_pre||^2 / (2 sigma_t^2), mu_pre from the UNet with its adapter off
+                with torch.no_grad(), base_model(unet) as base_unet:
+                    eps_pre = guided_eps(base_unet, b["x_t"], t, b["cond"], b.get("uncond"), sampler.guidance,
+                                         ctx.costs)
+                    mean_pre = ddim_step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], sampler.num_steps, sampler.eta).mean
                 kl = gaussian_kl(out.mean, mean_pre, out.std, c.logprob_reduction)
                 if kl_on:
                     loss = loss + c.kl_weight * kl.mean()
                 ctx.backward(loss / c.grad_accum)
-                ratios.append(ratio.detach().cpu())
-                kls.append(kl.detach().cpu())
-                clipfrac.append(((ratio.detach() - 1).abs() > c.ratio_clip).float().cpu())
+                stats.add(Surrogate.of(loss, out.log_prob, b["log_prob"], ratio, c.ratio_clip), kl_penalty=kl)
+            # 6. clip the gradient norm, AdamW step
             ctx.clip_grad(c.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        summary = stats.summary()
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                "ratio_mean": float(torch.cat(ratios).mean()), "clipfrac": float(torch.cat(clipfrac).mean()),
-                "kl_penalty": float(torch.cat(kls).mean()), "value_loss": v_loss, "buffer": n}
+                "ratio_mean": summary["ratio_mean"], "clipfrac": summary["clipfrac"],
+                "kl_penalty": summary["kl_penalty"], "value_loss": v_loss, "buffer": n}
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.opt.state_dict(), "buffer": self.buffer, "rounds": self.rounds,
-                 "timesteps": getattr(self, "timesteps", None)}
+                 "timesteps": self.timesteps}
         if self.value is not None:
             state.update(value=self.value.state_dict(), v_opt=self.v_opt.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["optimizer"])
-        self.buffer, self.rounds = state["buffer"], state["rounds"]
-        if state["timesteps"] is not None:
-            self.timesteps = state["timesteps"]
+        self.buffer, self.rounds, self.timesteps = state["buffer"], state["rounds"], state["timesteps"]
         if self.value is not None:
             self.value.load_state_dict(state["value"])
             self.v_opt.load_state_dict(state["v_opt"])

@@ -1,11 +1,12 @@
 """RLR: the Recursive Likelihood Ratio optimizer ("half-order" fine-tuning of diffusion models).
 
-Ren, Zhang, Jiang, Li, Qin, Zheng, Li, Sun, Li, Liang, Li, Peng, arXiv 2502.00639 (ICLR 2026);
-released code: RTkenny/RLR-Optimizer.  Two variants, named exactly and recorded as ``variant``:
+Ren, Zhang, Jiang, Li, Qin, Zheng, Li, Sun, Li, Liang, Li, Peng, arXiv 2502.00639 (ICLR 2026).  This file is
+the paper's estimator (method ``rlr``); what the released code (RTkenny/RLR-Optimizer) does instead is another
+algorithm, in ``methods/rlr_code.py`` (method ``rlr-code``).
 
-``rlr`` -- the paper's estimator.  The sampler x_{k+1} = mu_k(x_k; theta) + sigma_k z_k (steps k = 0..T-1 in
-sampling order, 0 = pure noise, T-1 = the step that makes x0) is split into three sets of steps, and the
-gradient of E[R(x0)] with respect to the parameters of each set is estimated its own way:
+The sampler x_{k+1} = mu_k(x_k; theta) + sigma_k z_k (steps k = 0..T-1 in sampling order, 0 = pure noise,
+T-1 = the step that makes x0) is split into three sets of steps, and the gradient of E[R(x0)] with respect to
+the parameters of each set is estimated its own way:
 
     repeat
         c ~ prompts, x_T, z_0..z_{T-1} ~ N(0, I); roll out the chain (no gradients), R = reward(x0)
@@ -20,15 +21,10 @@ gradient of E[R(x0)] with respect to the parameters of each set is estimated its
              two-point perturbation of the parameters in the steps of C only, same noise for both points
         theta <- AdamW(theta, clip(-loss_coeff (FO + ho_weight HO + zo_weight ZO)))
 
-    Unbiasedness: for every window j the three sets partition the steps, and each term is an unbiased
-    estimate of its own steps' part of the gradient (FO exactly, HO by the Gaussian likelihood-ratio
-    identity E[V(m + sigma z) z] / sigma = E[grad V], ZO up to O(eps^2), exactly for a quadratic reward
-    in a linear chain).  So FO + HO + ZO is unbiased for any fixed j, and for any distribution of j that
-    does not look at the current batch; q only moves the low-variance HO window to where the gradient
-    is large.  No 1/q(j) weight is applied: it would count the window's steps again on top of ZO.
-    ``tests/test_rlr.py`` checks all of this on the linear-Gaussian chain with this module's functions.
-    ``b`` is the leave-one-out batch mean (independent of sample i, so still unbiased); the HO
-    log-density is the true one (summed over elements).
+    Unbiased for any fixed window j (the three sets partition the steps and each term is unbiased for its own
+    steps' part of the gradient), hence for any q(j) that does not look at the current batch; no 1/q(j) weight.
+    ``b`` is the leave-one-out batch mean; the HO log-density is the true one (summed over elements).  The
+    derivation, and what ``tests/methods/test_rlr.py`` checks of it: ``docs/methods/rlr.md``.
 
     h: ``rlr.h`` directly, or from a memory budget (``rlr.memory_budget_mb``, the paper's rule)::
 
@@ -36,7 +32,7 @@ gradient of E[R(x0)] with respect to the parameters of each set is estimated its
 
     clamped to 1..T-1; B_h = ``mem_backprop_step_mb`` (memory of one UNet step kept for backprop),
     B_z = ``mem_zo_step_mb`` (one forward-only step); floor(T/2) - 1 is the paper's variance bound with
-    V_h << V_z.  With SD 1.4's B_h = 8 GB, B_z = 0.24 GB and T = 50, a 30 GB budget gives h = 2.
+    V_h << V_z (worked example with SD 1.4's figures: ``docs/methods/rlr.md``).
 
     j: ``softmax-gradnorm`` keeps a running (EMA) norm of the HO estimate of every window start, updated
     when that window is drawn; windows not yet seen take the mean of the others; the softmax is taken
@@ -46,17 +42,6 @@ gradient of E[R(x0)] with respect to the parameters of each set is estimated its
     Non-differentiable reward: the FO term needs dR/dx0, so ``rlr`` refuses such a reward with one error
     line, unless ``rlr.first_order=false``: then the last step joins the zeroth-order set, which keeps
     the estimator unbiased with a scalar reward only (variant ``.../no-fo``).
-
-``rlr-code`` -- what the released code (``rlr_trainer_v_b.py``) does: sample the chain with eta =
-``sampler.eta`` (the code's ``sample_eta``) without gradients, storing latents and mean-reduced
-log-probs; backprop the reward through the last step only, run with eta = 0 (AlignProp with K = 1),
-loss ``loss_coeff`` x -mean R, its own optimizer step; then ``chain_len`` times: a step k drawn
-uniformly over all T steps, DDPO's PPO-clipped loss there (ratio = exp(clamp(log p - log p_old, +-20)),
-advantage = batch z-score of R clipped at ``adv_clip``) times ``ho_loss_coeff``, its own optimizer step.
-The last step's stored log-prob is undefined in the code (eta = 0 there) and its loss is zeroed, so
-drawing k = T - 1 makes an optimizer step with a zero gradient, as the code does.  No zeroth-order
-term.  ``chain_len=0`` is AlignProp K = 1 (the code's README).  Biased: only the last step's own
-gradient is exact, the PPO terms see a ratio that the FO step has already moved.
 """
 from __future__ import annotations
 
@@ -64,19 +49,25 @@ import dataclasses
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from bench.advantages import batch_normalise, ppo_clipped_surrogate
-from bench.errors import BenchError
-from bench.sampling import (LOGPROB_REDUCTIONS, ddim_step, embed, gaussian_log_prob, guided_eps, replay_chain,
-                            sample, set_timesteps, step_noise, step_std)
+from diffalign.ddim import ddim_step, gaussian_log_prob, set_timesteps, step_noise, step_std
+from diffalign.errors import BenchError, check_choice
+from diffalign.policy_gradient import check_stochastic_sampler
+from diffalign.sampling import embed, guided_eps, replay_chain
 
-NAME_KEY = "rlr"
-NEEDS_DIFFERENTIABLE_REWARD = False  # rlr checks it itself (first_order=false works without); rlr-code needs it
+CONFIG_SECTION = "rlr"
+NEEDS_DIFFERENTIABLE_REWARD = False  # checked by the method itself: first_order=false works without
 J_DISTS = ("softmax-gradnorm", "uniform")
 HO_BASELINES = ("loo", "none")
-COMMON_KEYS = ("batch_size", "lr", "adam_betas", "adam_eps", "weight_decay", "grad_clip", "loss_coeff", "checkpointing")
-PAPER = {                          # method rlr (the paper's estimator)
+DEFAULTS = {
+    "batch_size": 8,
+    "lr": 1e-3,
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "weight_decay": 1e-4,          # RLR_Config default
+    "grad_clip": 1.0,
+    "loss_coeff": 0.05,            # the released code's FO loss_coeff; rlr scales its whole estimate by it
+    "checkpointing": True,         # gradient checkpointing of the UNet calls kept for backprop
     "h": 2,                        # half-order window length, unless memory_budget_mb is set
     "memory_budget_mb": None,      # set: h from the paper's memory rule (see the module docstring)
     "mem_backprop_step_mb": 8000.0,  # B_h (SD 1.4's figure)
@@ -90,25 +81,6 @@ PAPER = {                          # method rlr (the paper's estimator)
     "ho_baseline": "loo",          # loo (leave-one-out batch mean, unbiased) | none (raw R, as written)
     "ho_weight": 1.0,              # term weights: 1, 1 = the paper's unbiased estimator; others reweight the
     "zo_weight": 1.0,              # steps (biased, recorded in the variant), as the code's ho/zo coefficients do
-}
-CODE = {                           # method rlr-code (the released code)
-    "chain_len": 2,                # PPO single-step terms per batch, each its own optimizer step
-    "ho_loss_coeff": 1e-3,         # aesthetic_RLR_vb.sh
-    "clip_range": 1e-4,
-    "adv_clip": 5.0,
-    "logprob_reduction": "mean",
-}
-DEFAULTS = {
-    "batch_size": 8,
-    "lr": 1e-3,
-    "adam_betas": [0.9, 0.999],
-    "adam_eps": 1e-8,
-    "weight_decay": 1e-4,          # RLR_Config default
-    "grad_clip": 1.0,
-    "loss_coeff": 0.05,            # the code's FO loss_coeff; rlr scales its whole estimate by it
-    "checkpointing": True,         # gradient checkpointing of the UNet calls kept for backprop
-    **PAPER,
-    **CODE,
 }
 
 
@@ -124,7 +96,7 @@ def choose_h(num_steps: int, budget_mb: float, b_h: float, b_z: float) -> int:
 
 
 def window_length(cfg) -> int:
-    r = cfg[NAME_KEY]
+    r = cfg[CONFIG_SECTION]
     if r["memory_budget_mb"] is None:
         return r["h"]
     return choose_h(cfg["sampler"]["num_steps"], r["memory_budget_mb"], r["mem_backprop_step_mb"],
@@ -132,10 +104,7 @@ def window_length(cfg) -> int:
 
 
 def variant(cfg) -> str:
-    r = cfg[NAME_KEY]
-    if cfg["method"] == "rlr-code":
-        return (f"rlr-code/chain_len={r['chain_len']}/ho_coeff={r['ho_loss_coeff']:g}/clip={r['clip_range']:g}"
-                f"/logprob-{r['logprob_reduction']}")
+    r = cfg[CONFIG_SECTION]
     h = f"h={window_length(cfg)}" + (f"(budget={r['memory_budget_mb']:g}MB)" if r["memory_budget_mb"] else "")
     out = f"rlr/{h}/j={r['j_dist']}/zo={r['zo_samples']}x"
     if (r["ho_weight"], r["zo_weight"]) != (1.0, 1.0):
@@ -146,24 +115,9 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    from bench.config import check_choice, check_stochastic_sampler
-
-    r, T = cfg[NAME_KEY], cfg["sampler"]["num_steps"]
-    own, other = (CODE, PAPER) if cfg["method"] == "rlr-code" else (PAPER, CODE)
-    changed = [k for k in other if r[k] != other[k]]
-    if changed:
-        raise BenchError(f"rlr.{changed[0]} is a setting of method "
-                         f"{'rlr-code' if other is CODE else 'rlr'!r}, not {cfg['method']!r}; accepted for "
-                         f"{cfg['method']}: {', '.join('rlr.' + k for k in (*COMMON_KEYS, *own))}")
+    r, T = cfg[CONFIG_SECTION], cfg["sampler"]["num_steps"]
     if r["batch_size"] < 1:
         raise BenchError("rlr.batch_size must be >= 1")
-    if cfg["method"] == "rlr-code":
-        check_choice("rlr.logprob_reduction", r["logprob_reduction"], LOGPROB_REDUCTIONS)
-        if r["chain_len"] < 0:
-            raise BenchError("rlr.chain_len must be >= 0 (0 = AlignProp with K = 1)")
-        if r["chain_len"] > 0:
-            check_stochastic_sampler(cfg)
-        return
     check_choice("rlr.j_dist", r["j_dist"], J_DISTS)
     check_choice("rlr.ho_baseline", r["ho_baseline"], HO_BASELINES)
     check_stochastic_sampler(cfg)  # the half-order term is a likelihood ratio on the sampler's noise
@@ -316,15 +270,9 @@ class DiffusionChain:
         return float(step_std(self.pipe.scheduler, int(self.timesteps[k]), self.num_steps, self.eta))
 
     def step_mean(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        t, costs = self.timesteps[k], self.ctx.costs
-        if self.checkpointing:
-            eps = checkpoint(guided_eps, self.pipe.unet, x, t, self.cond, self.uncond, self.guidance, None,
-                             use_reentrant=False)
-            n = x.shape[0] * (1 if self.uncond is None else 2)
-            costs.unet_fwd += n
-            costs.unet_bwd += n
-        else:
-            eps = guided_eps(self.pipe.unet, x, t, self.cond, self.uncond, self.guidance, costs, with_grad=True)
+        t = self.timesteps[k]
+        eps = guided_eps(self.pipe.unet, x, t, self.cond, self.uncond, self.guidance, self.ctx.costs, with_grad=True,
+                         checkpointing=self.checkpointing)
         return ddim_step(self.pipe.scheduler, eps, int(t), x, self.num_steps, self.eta).mean
 
     def reward(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +301,7 @@ def _linear_surrogate(params, grads) -> torch.Tensor:
 
 # ---- the methods ----------------------------------------------------------------------------------
 
-class PaperMethod:
+class Method:
     """``rlr``: one update = one batch, FO + HO + ZO, one optimizer step."""
 
     def __init__(self, ctx):
@@ -401,78 +349,3 @@ class PaperMethod:
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["optimizer"])
         self.norms = list(state["norms"])
-
-
-class CodeMethod:
-    """``rlr-code``: an FO update on the last step, then ``chain_len`` PPO single-step updates."""
-
-    def __init__(self, ctx):
-        self.ctx, self.cfg = ctx, ctx.method_cfg
-        if not ctx.reward.differentiable:
-            raise BenchError(f"method 'rlr-code' backpropagates the reward through the last step, but reward "
-                             f"{ctx.cfg.reward!r} is not differentiable; accepted: a differentiable reward")
-        self.opt = ctx.adamw()
-
-    def _update(self) -> float:
-        norm = self.ctx.clip_grad(self.cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return norm
-
-    def step(self) -> dict:
-        ctx, c, s = self.ctx, self.cfg, self.ctx.cfg.sampler
-        T, pipe = s.num_steps, ctx.pipe
-        prompts = ctx.draw_prompts(c.batch_size)
-        traj = sample(pipe, prompts, ctx.noise(c.batch_size), T, s.guidance, s.eta, generator=ctx.generator,
-                      costs=ctx.costs, reduction=c.logprob_reduction)
-        # first order: the last step again from the stored x_{T-1}, eta = 0, with gradients (AlignProp K = 1)
-        t_last, x_last = traj.timesteps[T - 1], traj.latents[:, T - 1]
-        if c.checkpointing:
-            eps = checkpoint(guided_eps, pipe.unet, x_last, t_last, traj.cond, traj.uncond, s.guidance, None,
-                             use_reentrant=False)
-            ctx.costs.unet_fwd += 2 * c.batch_size if traj.uncond is not None else c.batch_size
-            ctx.costs.unet_bwd += 2 * c.batch_size if traj.uncond is not None else c.batch_size
-        else:
-            eps = guided_eps(pipe.unet, x_last, t_last, traj.cond, traj.uncond, s.guidance, ctx.costs, with_grad=True)
-        x0 = ddim_step(pipe.scheduler, eps, int(t_last), x_last, T, 0.0).prev
-        r = ctx.score(pipe.decode(x0), prompts)
-        ctx.backward(-c.loss_coeff * r.mean())
-        grad_norm = self._update()
-        # half order, as released: chain_len single uniformly drawn steps, PPO-clipped, one update each
-        rewards = r.detach().float().cpu()
-        adv = batch_normalise(rewards).clamp(-c.adv_clip, c.adv_clip).to(x0.device)
-        ratios, clipped, zeroed = [], [], 0
-        for _ in range(c.chain_len):
-            k = int(torch.randint(0, T, (1,), generator=ctx.generator))
-            if k == T - 1:  # the code's eta = 0 last step: undefined log-prob, loss zeroed, step still taken
-                for p in ctx.trainable:
-                    p.grad = torch.zeros_like(p)
-                zeroed += 1
-                self._update()
-                continue
-            t = traj.timesteps[k]
-            eps = guided_eps(pipe.unet, traj.latents[:, k], t, traj.cond, traj.uncond, s.guidance, ctx.costs,
-                             with_grad=True)
-            lp = ddim_step(pipe.scheduler, eps, int(t), traj.latents[:, k], T, s.eta, prev=traj.latents[:, k + 1],
-                           reduction=c.logprob_reduction).log_prob
-            loss, ratio = ppo_clipped_surrogate(lp, traj.log_probs[:, k].to(lp), adv, c.clip_range, max_log_ratio=20.0)
-            ctx.backward(c.ho_loss_coeff * loss)
-            self._update()
-            ratios.append(ratio.detach().cpu())
-            clipped.append(((ratio.detach() - 1).abs() > c.clip_range).float().cpu())
-        out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "grad_norm": grad_norm,
-               "updates": 1 + c.chain_len, "ho_zeroed": zeroed}
-        if ratios:
-            out["ratio_mean"] = float(torch.cat(ratios).mean())
-            out["clipfrac"] = float(torch.cat(clipped).mean())
-        return out
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-
-
-def Method(ctx):
-    return CodeMethod(ctx) if ctx.cfg.method == "rlr-code" else PaperMethod(ctx)

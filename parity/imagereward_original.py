@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # The registry's torchvision is a CUDA build; the project's shim makes it import beside the CPU torch.
-_spec = importlib.util.spec_from_file_location("diffalign_compat", os.path.join(ROOT, "bench", "_compat.py"))
+_spec = importlib.util.spec_from_file_location("diffalign_compat", os.path.join(ROOT, "diffalign", "_compat.py"))
 _compat = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_compat)
 _compat.apply()

@@ -26,10 +26,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import _compat  # noqa: E402
-
-_compat.apply()
-
+import diffalign  # noqa: E402,F401  (applies the torchvision shim first)
 from rewards import get_reward  # noqa: E402
 from rewards.imagereward import ImageReward  # noqa: E402
 

@@ -44,7 +44,9 @@ import json
 import os
 import re
 
-from bench.errors import BenchError
+import pandas as pd
+
+from diffalign.errors import BenchError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FIELDS = ("prompt", "prompts", "caption", "text")
@@ -211,8 +213,6 @@ def _read_table(text: str, delimiter: str, path: str, field: str | None) -> list
 
 
 def _read_parquet(path: str, field: str | None) -> list[str]:
-    import pandas as pd
-
     try:
         frame = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet

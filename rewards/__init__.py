@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 
 # name -> "module:attribute"; modules are imported only when their reward is asked for
 REGISTRY = {

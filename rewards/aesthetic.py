@@ -29,10 +29,17 @@ import re
 
 import torch
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 from rewards import weights
-from rewards.clip_common import ClipBackbone, check_images, check_preprocess, freeze, load_clip, load_state_dict, \
-    load_strict
+from rewards.clip_common import (
+    ClipBackbone,
+    check_images,
+    check_preprocess,
+    freeze,
+    load_clip,
+    load_state_dict,
+    load_strict,
+)
 
 _KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
 _DROPOUT = {1: 0.2, 3: 0.2, 5: 0.1}  # the published head's dropouts (inactive in eval mode)

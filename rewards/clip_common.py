@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
-import bench  # noqa: F401  (applies the torchvision shim before transformers / open_clip load)
-from bench.errors import BenchError
+from diffalign.errors import BenchError  # importing diffalign applies the torchvision shim (before open_clip loads)
 from rewards.weights import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -127,8 +127,6 @@ def load_state_dict(path: str, *, who: str, trust_pickle: bool = False) -> dict[
     ``module.`` prefix (DistributedDataParallel) removed."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             return load_file(path)
         if not _looks_like_torch_save(path):
             raise OSError("neither a torch.save zip archive nor a pickle")
@@ -223,7 +221,7 @@ def is_open_clip_folder(path: str) -> bool:
 
 def load_hf_clip(folder: str, tokenizer: str | None = None, *, who: str, with_text: bool = True) -> ClipBackbone:
     """A transformers ``CLIPModel`` folder, loaded strictly, local files only, in float32."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel  # lazy: heavy package, only for HF-layout CLIPs
 
     model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                             dtype=torch.float32)
@@ -249,7 +247,7 @@ def load_hf_clip(folder: str, tokenizer: str | None = None, *, who: str, with_te
 
 
 def _open_clip_class(model_cfg: dict):
-    import open_clip
+    import open_clip  # lazy: heavy package, only for open_clip models
 
     cfg = copy.deepcopy(model_cfg)
     if "multimodal_cfg" in cfg:
@@ -266,7 +264,7 @@ def _open_clip_class(model_cfg: dict):
 def _open_clip_tokenizer(model_cfg: dict, folder: str | None, *, who: str):
     """open_clip's BPE tokenizer (shipped inside open_clip_torch), or a Hugging Face tokenizer saved in
     the model folder when the config names one (``text_cfg.hf_tokenizer_name``); never a download."""
-    import open_clip
+    import open_clip  # lazy: heavy package, only for open_clip models
 
     text_cfg = model_cfg.get("text_cfg", {})
     context = text_cfg.get("context_length", 77)
@@ -277,8 +275,9 @@ def _open_clip_tokenizer(model_cfg: dict, folder: str | None, *, who: str):
         raise BenchError(f"reward {who!r}: the open_clip config names a Hugging Face tokenizer "
                          f"({text_cfg['hf_tokenizer_name']!r}); accepted: its files (tokenizer_config.json, "
                          "tokenizer.json) saved in the model folder, as nothing is downloaded")
-    return open_clip.tokenizer.HFTokenizer(folder, context_length=context,
-                                           tokenizer_mode=text_cfg.get("tokenizer_mode"), local_files_only=True, **kwargs)
+    mode = text_cfg.get("tokenizer_mode")
+    return open_clip.tokenizer.HFTokenizer(folder, context_length=context, tokenizer_mode=mode, local_files_only=True,
+                                           **kwargs)
 
 
 def read_open_clip_folder(folder: str, *, who: str) -> tuple[dict, dict, str]:
@@ -301,7 +300,7 @@ def read_open_clip_folder(folder: str, *, who: str) -> tuple[dict, dict, str]:
 def load_open_clip(model: str | dict, checkpoint: str | None = None, *, who: str,
                    trust_pickle: bool | None = None) -> ClipBackbone:
     """An open_clip model from an HF-layout folder, or from an architecture + a checkpoint file."""
-    import open_clip
+    import open_clip  # lazy: heavy package, only for open_clip models
 
     trust = trust_pickle_default() if trust_pickle is None else trust_pickle
     folder = None

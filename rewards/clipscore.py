@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 from rewards import weights
 from rewards.clip_common import ClipCosine, check_preprocess, load_clip
 

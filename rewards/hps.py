@@ -26,7 +26,6 @@ own PIL path (bicubic resize, centre crop).
 """
 from __future__ import annotations
 
-
 from rewards import weights
 from rewards.clip_common import OpenClipScore, check_preprocess
 

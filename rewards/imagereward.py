@@ -57,10 +57,11 @@ import re
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from torch import nn
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 
 HF_REPO = "THUDM/ImageReward"
 WEIGHTS_FILE = "ImageReward.pt"
@@ -384,7 +385,7 @@ def load_model(weights: str, med_config: str) -> ImageRewardModel:
 
 def load_tokenizer(folder: str, vocab_size: int):
     """``bert-base-uncased`` + BLIP's extra special tokens ``[DEC]`` (bos) and ``[ENC]``, from local files only."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # lazy: heavy package
 
     try:
         tok = BertTokenizer.from_pretrained(folder, local_files_only=True)
@@ -405,10 +406,6 @@ def load_tokenizer(folder: str, vocab_size: int):
 # Finding the files (local paths, the Hugging Face cache, ~/.cache/ImageReward; never the network)
 
 def _from_hf_cache(repo: str, filename: str) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
     found = try_to_load_from_cache(repo, filename)
     return found if isinstance(found, str) and os.path.isfile(found) else None
 

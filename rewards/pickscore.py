@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from bench.errors import BenchError
+from diffalign.errors import BenchError
 from rewards import weights
 from rewards.clip_common import ClipCosine, check_preprocess, load_hf_clip
 

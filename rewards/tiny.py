@@ -1,14 +1,14 @@
 """The tiny world's own reward models, committed under ``models/`` and trained by ``make tiny-rewards``
-(``bench/train_rewards.py``).  All three are differentiable with respect to the image.
+(``bench/tinyworld/train_rewards.py``).  All three are differentiable with respect to the image.
 
 - ``tiny-clip`` (:class:`TinyClip`): CLIP score of ``models/tiny-clip``, a small open_clip model saved
   in the Hugging Face open_clip layout; the score is the cosine similarity of the image and prompt
   embeddings, exactly the ``hpsv2`` / ``clipscore`` code path pointed at another folder.
 - ``tiny-aesthetic`` (:class:`TinyAesthetic`): the LAION aesthetic predictor's architecture
   (L2-normalised CLIP image embedding -> MLP head) on tiny-clip, trained to predict the world's
-  hidden rating :func:`bench.world.aesthetic_rating` (0-10); loaded by the same code as ``aesthetic``.
+  hidden rating :func:`diffalign.world.aesthetic_rating` (0-10); loaded by the same code as ``aesthetic``.
 - ``tiny-count`` (:class:`TinyCount`): a small CNN's soft object count c (a density map summed) against
-  the count n that the prompt asks for (``bench.world.parse_caption``); score = -(sqrt((c - n)^2 +
+  the count n that the prompt asks for (``diffalign.world.parse_caption``); score = -(sqrt((c - n)^2 +
   0.25^2) - 0.25), a smooth -|c - n|, 0 when the count is right.  Independent of the judge.
 """
 from __future__ import annotations
@@ -18,15 +18,18 @@ import os
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from bench.errors import BenchError
+from diffalign import world
+from diffalign.errors import BenchError
+from diffalign.store import PROJECT_ROOT
+from diffalign.world import aesthetic_rating
 from rewards.aesthetic import AestheticScorer, load_aesthetic
 from rewards.clip_common import OpenClipScore, check_images, freeze, load_strict
 from rewards.weights import OPEN_CLIP_CONFIG
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = os.path.join(ROOT, "models")
+MODELS = os.path.join(PROJECT_ROOT, "models")
 RECIPE = "rebuild it with 'make tiny-rewards'"
 
 
@@ -99,8 +102,6 @@ class TinyCount:
     EPS = 0.25
 
     def __init__(self, path: str | None = None):
-        from safetensors.torch import load_file
-
         path = path or model_dir("tiny-count")
         _need(path, ("config.json", "model.safetensors"))
         with open(os.path.join(path, "config.json")) as f:
@@ -120,8 +121,6 @@ class TinyCount:
         return self.model(_to_size(images.float().to(dev), 32))
 
     def asked(self, prompts: list[str]) -> torch.Tensor:
-        from bench import world
-
         try:
             return torch.tensor([float(world.parse_caption(p)["count"]) for p in prompts])
         except ValueError as e:
@@ -135,7 +134,7 @@ class TinyCount:
 
 
 class TinyRating:
-    """The hidden rating itself (:func:`bench.world.aesthetic_rating`, 0-10), computed from pixels.
+    """The hidden rating itself (:func:`diffalign.world.aesthetic_rating`, 0-10), computed from pixels.
 
     Not a learned model: the ground truth that ``tiny-aesthetic`` predicts.  Used as a held-out
     metric, it shows when a method raises the predictor's score without raising the rating (reward
@@ -145,6 +144,4 @@ class TinyRating:
     differentiable = False
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from bench.world import aesthetic_rating
-
         return torch.from_numpy(aesthetic_rating(images.detach().float().cpu().numpy())).float()

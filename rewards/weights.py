@@ -22,7 +22,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from bench.errors import BenchError
+from huggingface_hub import try_to_load_from_cache
+
+from diffalign.errors import BenchError
 
 ROOT_ENV = "DIFFALIGN_WEIGHTS"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -91,7 +93,6 @@ def _usable(spec: Published, path: str) -> str | None:
 def _from_hf_cache(spec: Published) -> str | None:
     if not spec.repo_id:
         return None
-    from huggingface_hub import try_to_load_from_cache  # reads local files only
 
     probe = spec.filename or (spec.required[0] if spec.required else "config.json")
     found = try_to_load_from_cache(spec.repo_id, probe, cache_dir=hf_cache_dir())

@@ -1,0 +1,124 @@
+"""The evaluation protocol, the same for every method, so curves are comparable across methods.
+
+At step 0, every ``eval.every`` steps and at the end, the current model samples the held-out eval prompts with
+the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta = 0, ``eval.num_steps``,
+``eval.guidance``), whatever the method trains with.  On those images it scores
+
+- the training reward (mean, std, standard error; a weighted sum's terms each on their own),
+- every held-out metric of ``eval.metrics`` (rewards never trained on: reward hacking shows there),
+- the judge's prompt fidelity (the tiny world; all three attributes, and each),
+- the KL to the base model along ``eval.kl_seeds`` trajectories of the *training* sampler at eta = 1
+  (``diffalign.sampling.kl_to_base``, its step noise from the fixed seed ``KL_SEED``).
+
+``summary`` turns the first and the last evaluation into the before -> after figures of a run, with the gain in
+standard errors unpaired and paired (the same prompts and seeds before and after).  Eval samples are not counted
+as training cost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from bench.config import Config
+from bench.tinyworld.judge import load_judge
+from diffalign import world
+from diffalign.errors import BenchError
+from diffalign.sampling import initial_noise, kl_to_base, sample
+from diffalign.store import project_path
+from prompts import load_prompts
+from rewards import get_reward
+
+KL_SEED = 4242  # the step noise of the KL-to-base trajectories, the same at every evaluation
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict           # eval_reward_mean/std/sem, eval_<metric>_mean/sem, fidelity*, kl_to_base
+    samples: list[dict]     # one row per image: step, prompt, seed, reward and each held-out metric
+    images: torch.Tensor    # (prompts x seeds, 3, H, W) in [0, 1], on the CPU, prompt-major
+    prompts: list[str]      # one per image
+
+
+class Evaluator:
+    """Built once per run (held-out metrics, eval prompts, judge; checked before anything is written)."""
+
+    def __init__(self, cfg: Config, reward):
+        self.cfg, self.reward = cfg, reward
+        self.heldout = {spec: get_reward(spec) for spec in cfg.eval.metrics if spec != cfg.reward}
+        self.prompts = load_prompts(cfg.eval_prompts)
+        self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
+        if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
+            for p in self.prompts:
+                try:
+                    world.parse_caption(p)
+                except ValueError as e:
+                    raise BenchError(f"eval prompt set {cfg.eval_prompts!r}: {e}; with a judge, eval prompts "
+                                     "must be tiny-world captions (set judge=null otherwise)") from None
+
+    def to(self, device) -> "Evaluator":
+        for metric in self.heldout.values():
+            if hasattr(metric, "to"):
+                metric.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, pipe, step: int) -> Evaluation:
+        ec, device = self.cfg.eval, pipe.device
+        # 1. the fixed eval noise: seed s for the s-th image of every prompt
+        noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
+        # 2. the deterministic eval sampler, one batch per prompt (its seeds)
+        images, prompts = [], []
+        for p in self.prompts:
+            traj = sample(pipe, [p] * ec.num_seeds, noise, ec.num_steps, ec.guidance, eta=0.0)
+            images.append(traj.images.float().cpu())
+            prompts += [p] * ec.num_seeds
+        images = torch.cat(images)
+        on_device = images.to(device)
+        # 3. the training reward, then every held-out metric, on the same images
+        r = self.reward(on_device, prompts).float().cpu().numpy()
+        out = {"eval_reward_mean": float(r.mean()), "eval_reward_std": float(r.std(ddof=1)),
+               "eval_reward_sem": float(r.std(ddof=1) / math.sqrt(len(r)))}
+        for name, s in getattr(self.reward, "last_terms", {}).items():
+            out[f"eval_reward/{name}"] = float(s.float().mean())
+        per_image = {"reward": r}
+        for spec, metric in self.heldout.items():
+            m = metric(on_device, prompts).float().cpu().numpy()
+            out[f"eval_{spec}_mean"] = float(m.mean())
+            out[f"eval_{spec}_sem"] = float(m.std(ddof=1) / math.sqrt(len(m)))
+            per_image[spec] = m
+        samples = [{"step": step, "prompt": p, "seed": i % ec.num_seeds,
+                    **{k: float(v[i]) for k, v in per_image.items()}} for i, p in enumerate(prompts)]
+        # 4. prompt fidelity as the judge reads it
+        if self.judge is not None:
+            fid = self.judge.fidelity(images, prompts)
+            out["fidelity"] = float(fid["all"].mean())
+            out.update({f"fidelity_{k}": float(v.mean()) for k, v in fid.items() if k != "all"})
+        # 5. the KL to the base model along the training sampler's trajectories (eta = 1)
+        if ec.kl_seeds:
+            kl_noise = noise[: ec.kl_seeds]
+            kls = [kl_to_base(pipe, [p] * len(kl_noise), kl_noise, self.cfg.sampler.num_steps,
+                              self.cfg.sampler.guidance, 1.0, torch.Generator().manual_seed(KL_SEED))
+                   for p in self.prompts]
+            out["kl_to_base"] = float(torch.cat(kls).mean())
+        return Evaluation(out, samples, images, prompts)
+
+    def summary(self, first: dict, last: dict, samples: list[dict], step: int) -> dict:
+        """Before -> after: ``first`` the step-0 evaluation, ``last`` the final metrics row."""
+        se = math.hypot(first["eval_reward_sem"], last["eval_reward_sem"])
+        # the same eval prompts and seeds before and after: the paired SE is the SE of the mean per-image gain
+        before = [e["reward"] for e in samples if e["step"] == 0]
+        after = [e["reward"] for e in samples if e["step"] == step]
+        gain = np.asarray(after) - np.asarray(before) if len(before) == len(after) > 1 else np.zeros(2)
+        paired_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+        return {
+            "eval_reward_before": first["eval_reward_mean"], "eval_reward_after": last["eval_reward_mean"],
+            "eval_reward_gain_in_se": (last["eval_reward_mean"] - first["eval_reward_mean"]) / se if se > 0 else 0.0,
+            "eval_reward_gain_in_paired_se": float(gain.mean()) / paired_se if paired_se > 0 else 0.0,
+            "fidelity_before": first.get("fidelity"), "fidelity_after": last.get("fidelity"),
+            "steps": step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],
+            **{f"{spec}_{when}": row.get(f"eval_{spec}_mean") for spec in self.heldout
+               for when, row in (("before", first), ("after", last))},
+        }

@@ -1,0 +1,272 @@
+"""The harness loop: one method on one reward and prompt set, evaluated, logged and checkpointed.
+
+The loop, for every method alike::
+
+    build: method, reward, prompt sets, evaluator (held-out metrics, judge), pipeline (frozen) + LoRA, Context
+    evaluate at step 0 (fixed eval prompts x fixed seeds, deterministic DDIM), grid, checkpoint
+    for step in 1..steps:
+        metrics = method.step()                   # one optimizer update, the method's own recipe
+        every eval.every steps and at the end: evaluate (+ grid every eval.grid_every)
+        every checkpoint_every steps and at the end: checkpoint, metrics table, curve
+    write the LoRA adapter, final grids, summary, manifest (status complete); print one summary line
+
+``start(cfg)`` builds and checks everything before the run folder is created; ``resume(run_dir)`` reloads the
+run's resolved config and its last checkpoint (LoRA, method state, RNG state, cost counters, metrics rows) and
+continues; with the same seed and thread count on CPU it ends with the same metrics as a run that was never
+interrupted.  The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.evaluate``'s.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import accelerate
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from bench.config import Config
+from bench.context import Context
+from bench.evaluate import Evaluator
+from bench.outputs.plots import plot_run, save_before_after, save_grid
+from bench.trackers import Trackers
+from diffalign.costs import Costs
+from diffalign.errors import BenchError
+from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from diffalign.pipeline import load_pipeline
+from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, RunFolder, project_path, safe_name
+from methods import method_module
+from prompts import load_prompts
+from rewards import get_reward
+
+COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
+                "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count", "kl_to_base", "images",
+                "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
+CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Run:
+    """One run: built fully (and checked) before anything is written, then ``train()``."""
+
+    def __init__(self, cfg: Config, folder: RunFolder):
+        self.cfg, self.folder = cfg, folder
+        self.method_module = method_module(cfg.method)
+        reward = get_reward(cfg.reward)
+        if self.method_module.NEEDS_DIFFERENTIABLE_REWARD and not reward.differentiable:
+            raise BenchError(f"method {cfg.method!r} backpropagates the reward, but reward {cfg.reward!r} is not "
+                             "differentiable; use a differentiable reward or a policy-gradient method")
+        self.evaluator = Evaluator(cfg, reward)
+        train_prompts = load_prompts(cfg.train_prompts)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = device_of(cfg)
+        if cfg.mixed_precision != "no" and self.device != "cuda":
+            raise BenchError(f"mixed_precision {cfg.mixed_precision!r} needs a CUDA GPU; accepted on CPU: no")
+        accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision)
+        pipe = load_pipeline(project_path(cfg.model), device=accelerator.device, dtype=DTYPES[cfg.mixed_precision])
+        if hasattr(reward, "to"):
+            reward.to(accelerator.device)
+        self.evaluator.to(accelerator.device)
+        lc = cfg.lora
+        trainable = add_lora(pipe.unet, lc.rank, lc.alpha, lc.targets, lc.init, seed=cfg.seed)
+        self.ctx = Context(cfg=cfg, pipe=pipe, reward=reward, train_prompts=train_prompts,
+                           generator=torch.Generator().manual_seed(cfg.seed), costs=Costs(),
+                           accelerator=accelerator, trainable=trainable)
+        self.method = self.method_module.Method(self.ctx)
+        self.trackers = Trackers(cfg.get("trackers") or [], folder.path, config=dict(cfg))  # checks packages now
+        self.step = 0
+        self.rows: list[dict] = []            # one per step: the metrics table
+        self.first_eval: dict | None = None   # the step-0 evaluation (the summary's "before")
+        self.eval_samples: list[dict] = []    # per eval image: step, prompt, seed, reward and held-out metrics
+        self.wall_offset = 0.0                # wall time of earlier sessions of a resumed run
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def wall(self) -> float:
+        return self.wall_offset + (time.time() - self.t0)
+
+    def checkpoint(self) -> None:
+        state = {"step": self.step, "lora": lora_state_dict(self.ctx.pipe.unet), "method": self.method.state_dict(),
+                 "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
+                 "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
+                 "eval_samples": self.eval_samples}
+        self.folder.write_checkpoint(state)
+        self.write_tables()
+
+    def restore(self) -> None:
+        state = self.folder.read_checkpoint()
+        load_lora_state_dict(self.ctx.pipe.unet, state["lora"])
+        self.method.load_state_dict(state["method"])
+        self.ctx.generator.set_state(state["generator"])
+        self.ctx.costs.load_state_dict(state["costs"])
+        self.step, self.rows, self.first_eval = state["step"], state["rows"], state["first_eval"]
+        self.eval_samples = state["eval_samples"]
+        self.wall_offset = state["wall"]
+
+    def write_tables(self) -> None:
+        df = pd.DataFrame(self.rows)
+        first = [c for c in COLUMN_ORDER if c in df]
+        df = df[first + [c for c in df.columns if c not in first]]
+        self.folder.write_metrics(df)
+        if self.eval_samples:
+            self.folder.write_eval_samples(pd.DataFrame(self.eval_samples))
+        plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}")
+
+    # ---- one row of the metrics table -----------------------------------------------------------------
+    def evaluate(self, grid: bool) -> dict:
+        ev = self.evaluator(self.ctx.pipe, self.step)
+        self.eval_samples += ev.samples
+        if grid:
+            save_grid(ev.images, ev.prompts, self.cfg.eval.num_seeds, self.folder.grid_path(self.step),
+                      title=f"{self.cfg.method} / {self.cfg.reward} / step {self.step}")
+        return ev.metrics
+
+    def record(self, metrics: dict, eval_metrics: dict | None) -> None:
+        c = self.ctx.costs
+        row = {"step": self.step, **metrics, **self.ctx.pop_reward_terms(), **(eval_metrics or {}), "images": c.images,
+               "reward_queries": c.reward_queries, "unet_fwd": c.unet_fwd, "unet_bwd": c.unet_bwd,
+               "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device)}
+        self.rows.append(row)
+        self.trackers.log(row, self.step)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def train(self, resumed: bool = False) -> dict:
+        cfg = self.cfg
+        self.t0 = time.time()
+        # 1. the base model's evaluation (step 0), its grid and a first checkpoint
+        if not resumed:
+            self.first_eval = self.evaluate(grid=True)
+            self.record({}, self.first_eval)
+            self.checkpoint()
+        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0)
+        while self.step < cfg.steps:
+            self.step += 1
+            # 2. one optimizer update, the method's own recipe
+            with self.ctx.accelerator.autocast():
+                metrics = self.method.step()
+            # 3. evaluate every eval.every steps and at the end
+            last = self.step == cfg.steps
+            ev = None
+            if self.step % cfg.eval.every == 0 or last:
+                ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last)
+            self.record(metrics, ev)
+            bar.update(1)
+            bar.set_postfix({"reward": f"{metrics.get('reward_mean', float('nan')):.4f}"}, refresh=False)
+            # 4. checkpoint every checkpoint_every steps and at the end
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self.checkpoint()
+            if crash_after and self.step == crash_after:
+                os._exit(137)
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        cfg, folder = self.cfg, self.folder
+        save_lora(self.ctx.pipe.unet, folder.lora_path, {
+            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets, "base_model": cfg.model,
+            "method": cfg.method, "variant": cfg.variant, "step": self.step})
+        save_before_after(folder.grid_path(0), folder.grid_path(self.step), folder.start_vs_end_path)
+        summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
+        folder.write_summary(summary)
+        self.trackers.close()
+        folder.update_manifest(status="complete", end_time=now())
+        return summary
+
+
+def new_run_dir(cfg: Config, root: str | None = None) -> str:
+    root = root or os.path.join(RESULTS_ROOT, "runs")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = safe_name(f"{cfg.method}-{cfg.reward}-seed{cfg.seed}-{stamp}" + (f"-{cfg.tag}" if cfg.tag else ""))
+    path, i = os.path.join(root, name), 1
+    while os.path.exists(path):
+        i += 1
+        path = os.path.join(root, f"{name}-{i}")
+    return path
+
+
+def start(cfg: Config, run_dir: str | None = None) -> tuple[str, dict]:
+    """A new run of a resolved config: everything is loaded and checked before the run folder is created."""
+    run_dir = run_dir or new_run_dir(cfg)
+    folder = RunFolder(run_dir)
+    if folder.holds_run():
+        raise BenchError(f"run folder {run_dir!r} already holds a run; accepted: a new folder, or "
+                         f"'bench run --resume {run_dir}' to continue it")
+    run = Run(cfg, folder)
+    os.makedirs(run_dir, exist_ok=True)
+    folder.write_config(cfg)
+    folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
+                           device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
+                           git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
+                           reward=cfg.reward, argv=sys.argv, host=platform.node())
+    return run_dir, run.train()
+
+
+def resume(run_dir: str) -> tuple[str, dict]:
+    """Continue a run from its last checkpoint (a complete run returns its summary)."""
+    folder = RunFolder(run_dir)
+    if not os.path.isfile(folder.config_path):
+        raise BenchError(f"cannot resume {run_dir!r}: no config.yaml there; accepted: a run folder under results/")
+    run = Run(Config(folder.read_config()), folder)
+    manifest = folder.read_manifest()
+    if manifest.get("status") == "complete":
+        return run_dir, folder.read_summary()
+    resumed = os.path.isfile(folder.checkpoint_path)
+    if resumed:
+        run.restore()
+    folder.update_manifest(resumes=manifest.get("resumes", []) + [{"time": now(), "from_step": run.step}])
+    return run_dir, run.train(resumed=resumed)
+
+
+# ---- the manifest's provenance ------------------------------------------------------------------------------
+
+def device_of(cfg: Config) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device 'cuda' was asked for but no CUDA GPU is visible; accepted: auto, cpu, cuda")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def git_commit() -> dict:
+    def git(*args):
+        r = subprocess.run(["git", "-C", PROJECT_ROOT, *args], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pandas", "open_clip_torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,10 @@
+"""The embedded default world's judge and the recipes that build the committed files under ``models/``.
+
+    judge.py          the prompt-fidelity judge (``make judge``: ``python -m bench.tinyworld.judge``)
+    models.py         the tiny text-to-image stack's architectures, saved in the diffusers folder layout
+    pretrain.py       the base model's training recipe (``make base-model``)
+    train_rewards.py  tiny-clip, tiny-aesthetic, tiny-count (``make tiny-rewards``)
+    base_quality.py   the base model's fidelity as the judge reads it (``make base-quality``)
+
+The world itself (grammar, renderer, hidden rating) is ``diffalign/world.py``: rewards and tests use it too.
+"""

@@ -1,0 +1,23 @@
+"""DiffAlign's ground floor: the library every method, reward and prompt loader is written against.
+
+Nothing here imports ``bench``, ``methods``, ``rewards`` or ``prompts`` (``tests/diffalign/test_layering.py``
+checks it).  The files, one concern each:
+
+    errors.py           BenchError (one-line bad-input errors) and check_choice
+    costs.py            the cost counters (images, reward queries, UNet passes)
+    pipeline.py         load_pipeline: diffusers text-to-image folders (the tiny world, Stable Diffusion)
+    lora.py             LoRA adapters through peft; save/load in diffusers' format
+    ddim.py             one DDIM step, its Gaussian log-prob and KL (the DDIM paper's formula 12)
+    sampling.py         guided UNet calls (the one counted, optionally checkpointed call) and the samplers
+    policy_gradient.py  stat tracker, advantages, PPO surrogate, trained-steps rules
+    store.py            atomic writes and RunFolder, the one owner of the run-folder format
+    world.py            the tiny world's grammar, renderer and hidden rating (numpy only)
+
+Importing the package applies the torchvision shim (``_compat.apply``): its one import side effect, which must
+come before anything imports torchvision, transformers, peft or open_clip.
+"""
+from diffalign import _compat
+
+_compat.apply()
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""One DDIM step, its Gaussian log-density and the KL between two such steps.
+
+Song, Meng, Ermon, "Denoising Diffusion Implicit Models", arXiv 2010.02502.  Notation map (paper -> code;
+alpha is the *cumulative* product, diffusers' ``alphas_cumprod``, the paper's alpha_t):
+
+    alpha_t, alpha_{t-1}     a_t, a_prev        (a_prev = final_alpha_cumprod past the last step)
+    epsilon_theta(x_t)       eps                (from the model output and prediction_type)
+    f_theta(x_t) = x0_hat    x0                 "predicted x0", eq. (9); clipped if the scheduler says so
+    sigma_t(eta)             std                eq. (16): eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
+    x_{t-1}                  prev               eq. (12): sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+
+so that p(x_{t-1} | x_t) = N(mean, sigma^2 I) with mean = the first two terms of eq. (12).  With eta = 0 this is
+exactly ``diffusers.DDIMScheduler.step`` (``tests/diffalign/test_ddim.py``).  Coefficients are computed in float64
+and cast to the latents' dtype.
+
+The log-prob is reduced over latent elements by ``"mean"`` (what ddpo-pytorch and trl do, and what a PPO clip
+range of 1e-4 assumes) or ``"sum"`` (the true log-density); the choice is a named option recorded in every run's
+config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+LOGPROB_REDUCTIONS = ("mean", "sum")
+
+
+def set_timesteps(scheduler, num_steps: int) -> torch.Tensor:
+    """The scheduler's ``num_steps`` timesteps, in sampling order (the first is the noisiest)."""
+    scheduler.set_timesteps(num_steps)
+    return scheduler.timesteps.clone()
+
+
+def alphas(scheduler, t, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative alphas a_t and a_prev (at t - T_train / num_steps), as float64 tensors shaped like t."""
+    t = torch.as_tensor(t).long().cpu()
+    prev_t = t - scheduler.config.num_train_timesteps // num_steps
+    abar = scheduler.alphas_cumprod.double()
+    a_t = abar[t]
+    final = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    a_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
+    return a_t, a_prev
+
+
+def sigma(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t(eta), eq. (16)."""
+    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+
+
+def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
+    return sigma(*alphas(scheduler, t, num_steps), eta)
+
+
+def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) for one stochastic step, drawn on the CPU (reproducible) in the latents' dtype/device."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) tensor shaped to broadcast against (B, ...) ``like``, on its device."""
+    v = v.to(like.device)
+    return v.view(-1, *([1] * (like.dim() - 1))) if v.dim() == 1 else v
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std, reduction: str = "mean") -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample (std a number or one per sample), reduced over non-batch elements."""
+    if reduction not in LOGPROB_REDUCTIONS:
+        raise ValueError(f"log-prob reduction {reduction!r}: accepted {LOGPROB_REDUCTIONS}")
+    std = per_sample(torch.as_tensor(std, dtype=torch.float64), x).to(x.dtype)
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
+    lp = lp.flatten(1)
+    return lp.mean(1) if reduction == "mean" else lp.sum(1)
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per sample = ||mean_p - mean_q||^2 / (2 std^2),
+    reduced over non-batch elements like the log-prob (``sum`` = the true KL in nats)."""
+    std = per_sample(torch.as_tensor(std, dtype=torch.float64), mean_p).to(mean_p.dtype)
+    kl = ((mean_p - mean_q) ** 2 / (2 * std ** 2)).flatten(1)
+    return kl.mean(1) if reduction == "mean" else kl.sum(1)
+
+
+@dataclasses.dataclass
+class StepOut:
+    prev: torch.Tensor         # x_{t-1}
+    mean: torch.Tensor         # its Gaussian mean
+    std: torch.Tensor          # sigma_t, per sample (B,) or a scalar tensor
+    log_prob: torch.Tensor | None  # log p(prev | x_t); None where sigma_t = 0
+
+
+def ddim_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor, num_steps: int, eta: float = 0.0,
+              noise: torch.Tensor | None = None, prev: torch.Tensor | None = None,
+              reduction: str = "mean") -> StepOut:
+    """One DDIM step t -> t_prev; ``t`` an int or one timestep per sample (B,).  ``prev`` given = score that
+    sample (its log-prob) instead of drawing one; ``noise`` = z of eq. (12) (None: the mean, eta's noise off)."""
+    cfg = scheduler.config
+    if getattr(cfg, "thresholding", False):
+        raise ValueError("DDIM with dynamic thresholding is not supported")
+    # 1. the cumulative alphas at t and at the previous timestep
+    a_t, a_prev = alphas(scheduler, t, num_steps)
+    dt = x_t.dtype
+
+    def c(v):  # a float64 coefficient, per sample or scalar, in the latents' dtype and shape
+        return per_sample(v, x_t).to(dt)
+
+    # 2. predicted x0 ("f_theta", eq. 9) and epsilon, from the model output
+    if cfg.prediction_type == "epsilon":
+        x0 = (x_t - c((1 - a_t).sqrt()) * model_output) / c(a_t.sqrt())
+        eps = model_output
+    elif cfg.prediction_type == "v_prediction":
+        x0 = c(a_t.sqrt()) * x_t - c((1 - a_t).sqrt()) * model_output
+        eps = c(a_t.sqrt()) * model_output + c((1 - a_t).sqrt()) * x_t
+    elif cfg.prediction_type == "sample":
+        x0 = model_output
+        eps = (x_t - c(a_t.sqrt()) * x0) / c((1 - a_t).sqrt())
+    else:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported")
+    # 3. clip the predicted x0 (diffusers' clip_sample)
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    # 4. sigma_t(eta), eq. (16)
+    std = sigma(a_t, a_prev, eta)
+    # 5. the mean of x_{t-1}: eq. (12) without its noise term
+    mean = c(a_prev.sqrt()) * x0 + c((1 - a_prev - std ** 2).clamp(min=0).sqrt()) * eps
+    # 6. x_{t-1} = mean + sigma_t z (or the given sample), and its log-density under N(mean, sigma_t^2 I)
+    if prev is None:
+        prev = mean if noise is None or bool((std == 0).all()) else mean + c(std) * noise
+    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduction) if bool((std > 0).all()) else None
+    return StepOut(prev=prev, mean=mean, std=std, log_prob=log_prob)

@@ -1,0 +1,139 @@
+"""What the policy-gradient methods (DDPO, DPOK, RLR's released code) share: advantages, surrogates, step rules.
+
+- ``PerPromptStatTracker``, ``batch_normalise``: DDPO's per-prompt and plain batch reward normalisation;
+- ``Surrogate`` and its makers: PPO's clipped surrogate (DDPO-IS, rlr-code), REINFORCE (DDPO-SF), and the
+  per-sample statistics every one of them reports (importance ratio, clip fraction, approximate KL to the
+  sampling policy), gathered over a training phase by ``SurrogateStats``;
+- ``trained_steps`` and the config rules of a step skip (``skip_first_steps`` / ``skip_last_steps``), and the
+  stochastic-sampler check (a likelihood ratio needs eta > 0).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import torch
+
+from diffalign.errors import BenchError
+
+
+class PerPromptStatTracker:
+    """DDPO's per-prompt reward normalisation: A = (r - mean_c) / (std_c + 1e-6) with the statistics of
+    the last ``buffer_size`` rewards of that prompt, or of the whole batch while a prompt has fewer
+    than ``min_count`` rewards (population std, as ddpo-pytorch)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, collections.deque] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        r = rewards.detach().double().cpu().numpy()
+        adv = np.empty_like(r)
+        for p in dict.fromkeys(prompts):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            buf = self.stats.setdefault(p, collections.deque(maxlen=self.buffer_size))
+            buf.extend(r[idx].tolist())
+            ref = r if len(buf) < self.min_count else np.asarray(buf)
+            adv[idx] = (r[idx] - ref.mean()) / (ref.std() + 1e-6)
+        return torch.from_numpy(adv).float()
+
+    def state_dict(self) -> dict:
+        return {p: list(b) for p, b in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {p: collections.deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+def batch_normalise(rewards: torch.Tensor) -> torch.Tensor:
+    r = rewards.detach().float()
+    return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+
+
+# ---- surrogate losses -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Surrogate:
+    """A policy-gradient loss on one minibatch and what it says about the update, per sample (detached)."""
+
+    loss: torch.Tensor       # scalar, mean over the batch: what is backpropagated
+    ratio: torch.Tensor      # rho = exp(log p_theta - log p_old)
+    clipfrac: torch.Tensor   # 1.0 where |rho - 1| > the clip range
+    approx_kl: torch.Tensor  # 0.5 (log p_theta - log p_old)^2, the KL to the sampling policy to second order
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor, ratio: torch.Tensor,
+           clip_range: float) -> "Surrogate":
+        ratio, log_ratio = ratio.detach(), (log_prob.detach() - old_log_prob)
+        return cls(loss=loss, ratio=ratio, clipfrac=((ratio - 1).abs() > clip_range).float(),
+                   approx_kl=0.5 * log_ratio ** 2)
+
+
+def ppo_clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                          clip_range: float, max_log_ratio: float | None = None) -> Surrogate:
+    """PPO's clipped surrogate, mean over the batch: max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), with
+    rho = exp(log p - log p_old).  ``max_log_ratio`` clamps the log-ratio first (RLR's released code: 20)."""
+    log_ratio = log_prob - old_log_prob
+    if max_log_ratio is not None:
+        log_ratio = torch.clamp(log_ratio, -max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return Surrogate.of(torch.maximum(unclipped, clipped).mean(), log_prob, old_log_prob, ratio, clip_range)
+
+
+def reinforce_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> Surrogate:
+    """The score-function (REINFORCE) loss -mean(A log p); its ratios are reported, not used (rho = 1 on-policy)."""
+    return Surrogate.of(-(advantages * log_prob).mean(), log_prob, old_log_prob, torch.exp(log_prob - old_log_prob),
+                        clip_range)
+
+
+class SurrogateStats:
+    """The surrogates of one training phase, summarised as metrics (means over every sample and step)."""
+
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+        self.losses: list[float] = []
+
+    def add(self, s: Surrogate, **extra: torch.Tensor) -> None:
+        for name, v in (("ratio", s.ratio), ("clipfrac", s.clipfrac), ("approx_kl", s.approx_kl), *extra.items()):
+            self.parts[name].append(v.detach().cpu())
+        self.losses.append(float(s.loss.detach()))
+
+    def summary(self) -> dict:
+        if not self.losses:
+            return {}
+        out = {("ratio_mean" if k == "ratio" else k): float(torch.cat(v).mean()) for k, v in self.parts.items()}
+        return {**out, "loss": sum(self.losses) / len(self.losses)}
+
+
+# ---- which steps are trained ----------------------------------------------------------------------------
+
+def trained_steps(num_steps: int, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
+    """Indices (sampling order, 0 = the step from pure noise) of the steps a policy gradient trains on:
+    all of them unless the first / last few are skipped (their likelihood-ratio terms are the noisiest,
+    ``docs/methods/policy_gradient.md``)."""
+    return torch.arange(skip_first, num_steps - skip_last)
+
+
+def check_stochastic_sampler(cfg: dict) -> None:
+    if cfg["sampler"]["eta"] <= 0:
+        raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; "
+                         "accepted: eta > 0")
+
+
+def check_trained_steps(cfg: dict, section: str) -> None:
+    """``<section>.skip_first_steps`` / ``skip_last_steps`` must leave at least one step to train."""
+    d, T = cfg[section], cfg["sampler"]["num_steps"]
+    a, b = d["skip_first_steps"], d["skip_last_steps"]
+    if a < 0 or b < 0 or a + b >= T:
+        raise BenchError(f"{section}.skip_first_steps ({a}) and {section}.skip_last_steps ({b}) must be >= 0 and "
+                         f"leave at least one of the sampler's {T} steps to train")
+
+
+def trained_steps_tag(cfg: dict, section: str) -> str:
+    """The variant suffix of a step skip, ``/steps-a:b-of-T`` (the trained steps a..b-1 of T); '' for none."""
+    d, T = cfg[section], cfg["sampler"]["num_steps"]
+    a, b = d["skip_first_steps"], d["skip_last_steps"]
+    return f"/steps-{a}:{T - b}-of-{T}" if a or b else ""

@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep regress baselines
-.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards clean-venv parity
+.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
 
 setup: $(STAMP)
 
@@ -90,6 +90,10 @@ tiny-rewards: $(STAMP)
 	$(PY) -m bench.tinyworld.train_rewards tiny-clip --out models/tiny-clip
 	$(PY) -m bench.tinyworld.train_rewards tiny-aesthetic --out models/tiny-aesthetic --clip models/tiny-clip
 	$(PY) -m bench.tinyworld.train_rewards tiny-count --out models/tiny-count
+
+# The tiny world's offline preference pairs: base-model samples on the train prompts ranked by the hidden rating.
+tiny-pairs: $(STAMP)
+	$(PY) -m bench.tinyworld.pairs --out models/tiny-pairs
 
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)

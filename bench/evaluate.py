@@ -4,7 +4,9 @@ At step 0, every ``eval.every`` steps and at the end, the current model samples 
 the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta = 0, ``eval.num_steps``,
 ``eval.guidance``), whatever the method trains with.  On those images it scores
 
-- the training reward (mean, std, standard error; a weighted sum's terms each on their own),
+- the training reward (mean, std, standard error; a weighted sum's terms each on their own), and its win rate
+  against the base model: the fraction of eval images (prompt x seed) scored above the base model's image of the
+  same prompt and seed (a tie counts half, so the base model itself is at 0.5),
 - every held-out metric of ``eval.metrics`` (rewards never trained on: reward hacking shows there),
 - the judge's prompt fidelity (the tiny world; all three attributes, and each),
 - the KL to the base model along ``eval.kl_seeds`` trajectories of the *training* sampler at eta = 1
@@ -65,7 +67,8 @@ class Evaluator:
         return self
 
     @torch.no_grad()
-    def __call__(self, pipe, step: int) -> Evaluation:
+    def __call__(self, pipe, step: int, base_rewards: list[float] | None = None) -> Evaluation:
+        """Evaluate the current model; ``base_rewards``: the step-0 evaluation's per-image rewards (win rate)."""
         ec, device = self.cfg.eval, pipe.device
         # 1. the fixed eval noise: seed s for the s-th image of every prompt
         noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
@@ -83,6 +86,11 @@ class Evaluator:
                "eval_reward_sem": float(r.std(ddof=1) / math.sqrt(len(r)))}
         for name, s in getattr(self.reward, "last_terms", {}).items():
             out[f"eval_reward/{name}"] = float(s.float().mean())
+        base = np.asarray(base_rewards if base_rewards else r, dtype=np.float64)
+        if len(base) == len(r):
+            wins = (r > base).astype(np.float64) + 0.5 * (r == base)
+            out["win_rate"] = float(wins.mean())
+            out["win_rate_sem"] = float(wins.std(ddof=1) / math.sqrt(len(wins)))
         per_image = {"reward": r}
         for spec, metric in self.heldout.items():
             m = metric(on_device, prompts).float().cpu().numpy()

@@ -72,6 +72,8 @@ SHORT_METHOD = {
     "dpok": ["dpok.g_batch=8", "dpok.p_step=2"],
     "rlr": ["rlr.batch_size=4"],
     "rlr-code": ["rlr_code.batch_size=4"],
+    "diffusion-dpo": ["diffusion_dpo.batch_size=8"],
+    "dde": ["dde.batch_size=8"],
 }
 
 

@@ -46,8 +46,8 @@ from prompts import load_prompts
 from rewards import get_reward
 
 COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
-                "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count", "kl_to_base", "images",
-                "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
+                "win_rate", "win_rate_sem", "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count",
+                "kl_to_base", "images", "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
 CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -120,7 +120,8 @@ class Run:
 
     # ---- one row of the metrics table -----------------------------------------------------------------
     def evaluate(self, grid: bool) -> dict:
-        ev = self.evaluator(self.ctx.pipe, self.step)
+        base = [e["reward"] for e in self.eval_samples if e["step"] == 0]
+        ev = self.evaluator(self.ctx.pipe, self.step, base)
         self.eval_samples += ev.samples
         if grid:
             save_grid(ev.images, ev.prompts, self.cfg.eval.num_seeds, self.folder.grid_path(self.step),

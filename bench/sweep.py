@@ -1,7 +1,10 @@
-"""Sweeps: a grid of method x reward x seed, run into the store, resumable.
+"""Sweeps: a grid of method x reward x variant x seed, run into the store, resumable.
 
     python -m bench sweep --methods alignprop ddpo --seeds 0 1 2 --reward saturation [--set k=v ...] [--root DIR]
-    python -m bench sweep --file sweep.yaml        # keys: methods, seeds, rewards (or reward), set, root
+    python -m bench sweep --file sweep.yaml        # keys: methods, seeds, rewards (or reward), set, variants, root
+
+``variants`` (sweep files only) is a list of arms, each a list of ``KEY=VALUE`` overrides applied on top of ``set``:
+one method under several settings, e.g. the DDE credit study's four weightings.
 
 A run's identity is a hash of its resolved config (``bench.config.resolve(method, overrides)``): the
 same resolved config is the same run, and its folder is ``<root>/<method>-<reward>-seed<S>-<hash>``.
@@ -67,8 +70,10 @@ def overrides_for(method: str, overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] not in others]
 
 
-def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: list[str], root: str) -> list[PlannedRun]:
-    """Resolve every run of the grid (bad input fails here, before anything runs)."""
+def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: list[str], root: str,
+         variants: list[list[str]] | None = None) -> list[PlannedRun]:
+    """Resolve every run of the grid reward x method x variant x seed (bad input fails here, before anything runs).
+    ``variants``: arms of extra overrides (each applied on top of ``overrides``); none = one arm."""
     if not methods:
         raise BenchError("a sweep needs --methods (one or more); see 'python -m bench list'")
     for m in methods:
@@ -76,12 +81,19 @@ def plan(methods: list[str], seeds: list[int], rewards: list[str], overrides: li
     runs = []
     for reward in rewards or [None]:
         for method in methods:
-            for seed in seeds or [0]:
-                extra = [f"seed={seed}"] + ([f"reward={reward}"] if reward else [])
-                cfg = resolve(method, overrides_for(method, overrides) + extra)
-                run_id = config_hash(cfg)
-                name = safe_name(f"{method}-{cfg['reward']}-seed{seed}-{run_id}")
-                runs.append(PlannedRun(method, cfg["reward"], seed, cfg, run_id, os.path.join(root, name)))
+            for arm in variants or [[]]:
+                runs += _plan_seeds(method, reward, seeds, overrides + [str(o) for o in arm], root)
+    return runs
+
+
+def _plan_seeds(method: str, reward: str | None, seeds: list[int], overrides: list[str], root: str) -> list[PlannedRun]:
+    runs = []
+    for seed in seeds or [0]:
+        extra = [f"seed={seed}"] + ([f"reward={reward}"] if reward else [])
+        cfg = resolve(method, overrides_for(method, overrides) + extra)
+        run_id = config_hash(cfg)
+        name = safe_name(f"{method}-{cfg['reward']}-seed{seed}-{run_id}")
+        runs.append(PlannedRun(method, cfg["reward"], seed, cfg, run_id, os.path.join(root, name)))
     return runs
 
 
@@ -157,7 +169,7 @@ def load_file(path: str) -> dict:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise BenchError(f"sweep file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
-    accepted = {"methods", "seeds", "rewards", "reward", "set", "root"}
+    accepted = {"methods", "seeds", "rewards", "reward", "set", "root", "variants"}
     if not isinstance(data, dict) or set(data) - accepted:
         bad = sorted(set(data) - accepted) if isinstance(data, dict) else data
         raise BenchError(f"sweep file {path!r}: unknown keys {bad}; accepted: {', '.join(sorted(accepted))}")
@@ -166,6 +178,10 @@ def load_file(path: str) -> dict:
     for key in ("methods", "seeds", "rewards", "set"):
         if key in data and not isinstance(data[key], list):
             data[key] = [data[key]]
+    variants = data.get("variants", [])
+    if not isinstance(variants, list) or not all(isinstance(v, list) for v in variants):
+        raise BenchError(f"sweep file {path!r}: variants must be a list of lists of KEY=VALUE overrides, "
+                         f"got {variants!r}")
     return data
 
 
@@ -181,7 +197,7 @@ def main(args) -> int:
         seeds = [int(s) for s in seeds]
     except (TypeError, ValueError):
         raise BenchError(f"seeds {seeds!r}; accepted: integers") from None
-    runs = plan(methods, seeds, rewards, overrides, root)
+    runs = plan(methods, seeds, rewards, overrides, root, spec.get("variants"))
     outcome = run_sweep(runs, root)
     done = sum(v == "complete" for v in outcome.values())
     refused = [k for k, v in outcome.items() if v != "complete"]

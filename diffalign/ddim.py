@@ -129,3 +129,22 @@ def ddim_step(scheduler, model_output: torch.Tensor, t, x_t: torch.Tensor, num_s
         prev = mean if noise is None or bool((std == 0).all()) else mean + c(std) * noise
     log_prob = gaussian_log_prob(prev.detach(), mean, std, reduction) if bool((std > 0).all()) else None
     return StepOut(prev=prev, mean=mean, std=std, log_prob=log_prob)
+
+
+# ---- the forward process q(x_t | x_0) and the training target (DDPM, Ho et al. 2020, eq. 4) ----------------
+
+def add_noise(scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps for one training timestep per sample (coefficients in float64)."""
+    a_t = scheduler.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
+    return per_sample(a_t.sqrt(), x0).to(x0.dtype) * x0 + per_sample((1 - a_t).sqrt(), x0).to(x0.dtype) * noise
+
+
+def training_target(scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at x_t: eps (epsilon prediction) or v = sqrt(a) eps - sqrt(1 - a) x_0."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        a_t = scheduler.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
+        return per_sample(a_t.sqrt(), x0).to(x0.dtype) * noise - per_sample((1 - a_t).sqrt(), x0).to(x0.dtype) * x0
+    raise ValueError(f"prediction_type {kind!r} is not supported for training; accepted: epsilon, v_prediction")

@@ -26,6 +26,8 @@ METHODS = {
     "dpok": "methods.dpok",
     "rlr": "methods.rlr",            # RLR, the paper estimator (FO + HO + ZO)
     "rlr-code": "methods.rlr_code",  # RLR as the released code does it (FO K = 1 + PPO single steps)
+    "diffusion-dpo": "methods.diffusion_dpo",  # DPO on terminal preference pairs, uniform credit over timesteps
+    "dde": "methods.dde",            # DDE, our reconstruction (dde/reconstructed): DPO with a derived credit weight
 }
 
 

@@ -55,7 +55,7 @@ def heldout_metrics(runs: list[RunData]) -> list[str]:
     cols = set().union(*(r.df.columns for r in runs))
     extra = sorted(c for c in cols if c.startswith("eval_") and c.endswith("_mean") and c != "eval_reward_mean"
                    and "/" not in c)
-    return [c for c in ("fidelity", "kl_to_base") if c in cols] + extra
+    return [c for c in ("win_rate", "fidelity", "kl_to_base") if c in cols] + extra
 
 
 def time_to(df: pd.DataFrame, threshold: float) -> dict[str, float]:
@@ -114,7 +114,8 @@ def build(runs: list[RunData], threshold: float | None = None) -> tuple[pd.DataF
     return pd.DataFrame(rows), directions, thresholds
 
 
-HEADERS = {"eval_reward_mean": "eval reward", "fidelity": "fidelity", "kl_to_base": "KL to base (nats)",
+HEADERS = {"eval_reward_mean": "eval reward", "win_rate": "win rate vs base", "fidelity": "fidelity",
+           "kl_to_base": "KL to base (nats)",
            "images_to_threshold": "images to thr.", "reward_queries_to_threshold": "reward queries to thr.",
            "wall_time_to_threshold": "wall time to thr. (s)", "peak_mem_mb": "peak mem. (MB)",
            "unet_passes_per_step": "UNet passes / step"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from bench.tinyworld import judge, pretrain
+from bench.tinyworld import judge, pairs, pretrain
 from bench.tinyworld.judge import evaluate, load_judge
 from diffalign.pipeline import load_pipeline
 
@@ -47,3 +47,12 @@ def test_recipes_run_and_write_loadable_folders(tmp_path):
     assert torch.load(str(tmp_path / "t2i") + ".state.pt", weights_only=False)["step"] == 3
     judge.main(["--out", str(tmp_path / "judge"), "--steps", "3", "--batch", "8", "--eval-samples", "20"])
     assert judge.load_judge(str(tmp_path / "judge")).read(torch.zeros(1, 3, 32, 32))["count"].shape == (1,)
+
+
+def test_pair_recipe_is_deterministic_and_labels_by_the_hidden_rating(tmp_path):
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    a, meta = pairs.build("models/tiny-t2i", str(prompts), per_prompt=3, seed=0, tie=0.1)
+    b, _ = pairs.build("models/tiny-t2i", str(prompts), per_prompt=3, seed=0, tie=0.1)
+    assert meta["samples"] == 6 and meta["pairs"] == len(a) >= 1 and meta["labelled_by"] == "tiny-rating"
+    assert torch.equal(a.winners, b.winners) and torch.equal(a.losers, b.losers) and a.prompts == b.prompts

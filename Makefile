@@ -15,7 +15,7 @@ SEEDS  ?= 0 1 2
 SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
-.PHONY: sweep paper paper-sweep regress baselines
+.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines
 .PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
 
 setup: $(STAMP)
@@ -54,6 +54,19 @@ paper-sweep: $(STAMP)
 	$(PY) -m bench sweep --file bench/sweeps/paper.yaml
 	$(PY) -m bench sweep --file bench/sweeps/paper-dpok.yaml
 	$(PY) -m bench sweep --file bench/sweeps/paper-alignprop-k1.yaml
+	$(PY) -m bench sweep --file bench/sweeps/paper-preference.yaml
+
+# The DDE credit-assignment study (bench/sweeps/credit.yaml: four credit weightings x 3 seeds on the tiny pairs)
+# into results/sweeps/credit, and its figures and table into docs/credit (the weight curves: docs/credit/weights.png).
+credit-sweep: $(STAMP)
+	$(PY) -m bench sweep --file bench/sweeps/credit.yaml
+
+CREDIT ?= results/sweeps/credit
+credit: $(STAMP)
+	$(PY) -m bench.outputs.credit --out docs/credit/weights.png --json docs/credit/weights.json
+	$(PY) -m bench compare $(CREDIT) --out-dir docs/credit --metric eval_reward_mean --metric win_rate --metric fidelity \
+		--metric kl_to_base --x step
+	$(PY) -m bench table $(CREDIT) --out docs/credit/table
 
 # Every figure and table the README shows, from a sweep folder (default: the committed results/sweeps/paper):
 #   make paper [SWEEP=results/sweeps/NAME] [OUT=docs/paper]

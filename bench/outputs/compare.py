@@ -30,7 +30,8 @@ X_AXES = ("step", "images", "reward_queries", "unet_passes", "unet_fwd", "unet_b
 X_LABELS = {"step": "optimizer step", "images": "images generated", "reward_queries": "reward queries",
             "unet_passes": "UNet passes (fwd + bwd)", "unet_fwd": "UNet forward passes",
             "unet_bwd": "UNet backward passes", "wall_time": "wall-clock time (s)"}
-Y_LABELS = {"eval_reward_mean": "eval reward (held-out prompts)", "fidelity": "prompt fidelity (judge)",
+Y_LABELS = {"eval_reward_mean": "eval reward (held-out prompts)", "win_rate": "win rate against the base model",
+            "fidelity": "prompt fidelity (judge)",
             "kl_to_base": "KL to base model (nats)"}
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
 
@@ -74,7 +75,25 @@ class RunData:
         df = folder.read_metrics()
         if "unet_fwd" in df and "unet_bwd" in df:
             df["unet_passes"] = df["unet_fwd"] + df["unet_bwd"]
+        if "win_rate" not in df and os.path.isfile(folder.file(RunFolder.EVAL_SAMPLES + ".parquet")):
+            df = with_win_rate(df, pd.read_parquet(folder.file(RunFolder.EVAL_SAMPLES + ".parquet")))
         return cls(path, folder.read_config(), df, folder.read_manifest(), folder.read_summary())
+
+
+def with_win_rate(df: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """A run written before the harness logged ``win_rate``: the same figure from its per-image eval scores (the
+    fraction of eval images scored above the base model's image of the same prompt and seed, ties counting half)."""
+    base = samples[samples["step"] == 0].set_index(["prompt", "seed"])["reward"]
+    if not base.index.is_unique or not len(base):  # repeated eval prompts: no way to match images
+        return df
+    rates = {}
+    for step, part in samples.groupby("step"):
+        gain = part.set_index(["prompt", "seed"])["reward"] - base.reindex(part.set_index(["prompt", "seed"]).index)
+        if gain.notna().all() and len(gain):
+            rates[int(step)] = float(((gain > 0) + 0.5 * (gain == 0)).mean())
+    df = df.copy()
+    df["win_rate"] = df["step"].map(rates) if rates else np.nan
+    return df
 
 
 def find_run_dirs(paths: list[str]) -> list[str]:

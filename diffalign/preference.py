@@ -34,11 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffalign.costs import Costs
 from diffalign.ddim import add_noise, training_target
 from diffalign.errors import BenchError
+from diffalign.images import decode_image, images_to_x0, stack_images
 from diffalign.sampling import base_model, guided_eps, initial_noise, sample
 from diffalign.store import atomic_write_with
 
@@ -129,25 +130,6 @@ def sample_and_rank(pipe, reward, prompts: list[str], per_prompt: int, sampler, 
 
 # ---- pair files ------------------------------------------------------------------------------------------
 
-def _decode(value, base_dir: str, where: str) -> np.ndarray:
-    if isinstance(value, dict) and "bytes" in value:  # datasets' Image feature as parquet writes it
-        value = value["bytes"] if value["bytes"] is not None else value.get("path")
-    try:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(value)))
-        elif isinstance(value, str) and value:
-            path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-            if not os.path.isfile(path):
-                raise BenchError(f"{where}: image file {value!r} does not exist; accepted: PNG/JPEG bytes, or a path "
-                                 "relative to the pair file")
-            img = Image.open(path)
-        else:
-            raise BenchError(f"{where}: image is {type(value).__name__}; accepted: PNG/JPEG bytes or a path")
-        return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise BenchError(f"{where}: cannot decode the image ({type(e).__name__}); accepted: PNG or JPEG") from None
-
-
 def _label(row: pd.Series, where: str) -> float | None:
     """1.0: image 0 preferred, 0.0: image 1 preferred, None: a tie."""
     if "label_0" in row:
@@ -204,7 +186,7 @@ def load_pairs(path: str, size: int | None = None) -> Pairs:
         label = _label(row, where)
         if label is None:
             continue  # a tie
-        a, b = (_decode(row[c], base_dir, where) for c in image_cols)
+        a, b = (decode_image(row[c], base_dir, where) for c in image_cols)
         prompts.append(str(row[prompt_col]))
         win.append(a if label == 1.0 else b)
         lose.append(b if label == 1.0 else a)
@@ -215,17 +197,7 @@ def load_pairs(path: str, size: int | None = None) -> Pairs:
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta.update(json.load(f))
-    return Pairs(prompts, _stack(win, size), _stack(lose, size), meta)
-
-
-def _stack(images: list[np.ndarray], size: int | None) -> torch.Tensor:
-    out = []
-    for a in images:
-        x = torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255.0
-        if size is not None and tuple(x.shape[1:]) != (size, size):
-            x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        out.append(x.clamp(0, 1))
-    return torch.stack(out)
+    return Pairs(prompts, stack_images(win, size), stack_images(lose, size), meta)
 
 
 def save_pairs(pairs: Pairs, path: str) -> None:
@@ -241,19 +213,6 @@ def save_pairs(pairs: Pairs, path: str) -> None:
 
 
 # ---- the DPO quantities --------------------------------------------------------------------------------------
-
-def images_to_x0(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> the model's x_0: pixels in [-1, 1] at its resolution, or the VAE's scaled latent mean."""
-    x = images.to(pipe.device, torch.float32) * 2 - 1
-    if pipe.vae is None:
-        size = pipe.unet.config.sample_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x.to(pipe.dtype)
-    with torch.no_grad():
-        latents = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean
-    return (latents * pipe.vae.config.scaling_factor).to(pipe.dtype)
-
 
 def denoising_errors(pipe, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
                      costs: Costs | None = None, reference: bool = False) -> torch.Tensor:

@@ -148,3 +148,34 @@ def training_target(scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
         a_t = scheduler.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()]
         return per_sample(a_t.sqrt(), x0).to(x0.dtype) * noise - per_sample((1 - a_t).sqrt(), x0).to(x0.dtype) * x0
     raise ValueError(f"prediction_type {kind!r} is not supported for training; accepted: epsilon, v_prediction")
+
+
+# ---- the one-step projection x_t -> x_{t'} (DDIM, eta = 0, any t' <= t; OGDM's projection) ----------------
+
+def x0_and_eps(scheduler, model_output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """The model's x0 prediction (eq. 9, unclipped) and epsilon at training timesteps ``t`` (one per sample)."""
+    a_t = per_sample(scheduler.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()], x_t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a_t).sqrt().to(x_t.dtype) * model_output) / a_t.sqrt().to(x_t.dtype), model_output
+    if kind == "v_prediction":
+        x0 = a_t.sqrt().to(x_t.dtype) * x_t - (1 - a_t).sqrt().to(x_t.dtype) * model_output
+        return x0, a_t.sqrt().to(x_t.dtype) * model_output + (1 - a_t).sqrt().to(x_t.dtype) * x_t
+    raise ValueError(f"prediction_type {kind!r} is not supported; accepted: epsilon, v_prediction")
+
+
+def project(scheduler, x0: torch.Tensor, eps: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM jump to training timesteps ``t_to`` (one per sample), eq. (12) with sigma = 0:
+    x_{t'} = sqrt(a_{t'}) x0 + sqrt(1 - a_{t'}) eps.  With the model's (x0_hat, eps_hat) at x_t this is the
+    model's one-step projection; with the true (x_0, eps) that made x_t it is exactly q(x_{t'} | x_0) with the same
+    noise, ``add_noise(x_0, t', eps)``."""
+    a = per_sample(scheduler.alphas_cumprod.double()[torch.as_tensor(t_to).long().cpu()], x0)
+    return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * eps
+
+
+def noise_of(scheduler, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise that takes x_0 to x_t at training timesteps ``t``: (x_t - sqrt(a_t) x_0) / sqrt(1 - a_t) (float64
+    inside)."""
+    a = per_sample(scheduler.alphas_cumprod.double()[torch.as_tensor(t).long().cpu()], x_t)
+    return ((x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).to(x_t.dtype)

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffalign.costs import Costs
 from diffalign.ddim import ddim_step, gaussian_kl, set_timesteps, step_noise
+from diffalign.lora import reference
 
 
 def _guided(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -60,14 +61,10 @@ def guided_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
     return out
 
 
-@contextlib.contextmanager
 def base_model(unet):
-    """The same UNet with its LoRA adapter switched off: the frozen base model, without a second copy."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
+    """The frozen base model: the same UNet with its LoRA adapter switched off (no second copy), or under full
+    fine-tuning the frozen copy taken before training (``diffalign.lora.reference``)."""
+    return reference(unet)
 
 
 def embed(pipe, prompts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:

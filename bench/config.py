@@ -32,16 +32,40 @@ COMMON: dict = {
     "device": "auto",                # auto | cpu | cuda
     "mixed_precision": "no",         # no | fp16 | bf16 (frozen weights in that dtype; LoRA stays fp32)
     "threads": 0,                    # torch CPU threads; 0 = torch's default
+    "finetune": "lora",              # lora (the adapter below) | full (every UNet weight, a frozen copy as reference)
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
     "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
              "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off); training sampler, eta 1
-             "metrics": ["tiny-rating", "tiny-clip"]},  # held-out rewards scored on the eval images, never trained on
+             "metrics": ["tiny-rating", "tiny-clip"],  # held-out rewards scored on the eval images, never trained on
+             # (and "fd": the Frechet distance against NFE, bench/quality.py, with these settings)
+             "fd": {"nfe": [3, 5, 10, 20], "features": "auto", "real": "tiny-world", "real_per_prompt": 64,
+                    "at": "ends", "inception_weights": ""}},
     "checkpoint_every": 5,
     "tag": "",
     "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)
 }
-CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16")}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16"), "finetune": ("lora", "full")}
+
+# Keys added after runs were committed to the store.  At these values a config means exactly what it meant before
+# the key existed (the code behaved so), so a run's identity (``identity``, the sweep hash) leaves them out and the
+# committed runs keep their identity.  ``eval.fd`` only matters when "fd" is in eval.metrics.
+LATER_KEYS = {("finetune",): "lora"}
+
+
+def identity(cfg: dict) -> dict:
+    """The part of a resolved config that makes a run what it is: the harness's own additions (variant,
+    method_key), the trackers (mirrors of the metrics) and later keys at their neutral values left out."""
+    plain = copy.deepcopy({k: v for k, v in dict(cfg).items() if k not in ("variant", "method_key", "trackers")})
+    for path, neutral in LATER_KEYS.items():
+        node = plain
+        for p in path[:-1]:
+            node = node.get(p, {})
+        if node.get(path[-1], neutral) == neutral:
+            node.pop(path[-1], None)
+    if "fd" not in (plain.get("eval", {}).get("metrics") or []):
+        plain.get("eval", {}).pop("fd", None)
+    return plain
 
 
 class Config(dict):
@@ -140,12 +164,12 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
     for text in overrides or []:
         base = _merge(base, parse_override(text))
     validate(base, module)
-    return Config({**base, "variant": module.variant(base), "method_key": module.CONFIG_SECTION})
+    return Config({**base, "variant": variant_of(base, module), "method_key": module.CONFIG_SECTION})
 
 
 def validate(cfg: dict, module) -> None:
     for key, accepted in CHOICES.items():
-        if cfg[key] not in accepted:
+        if cfg.get(key, accepted[0]) not in accepted:
             raise BenchError(f"config key {key!r} = {cfg[key]!r}; accepted: {', '.join(accepted)}")
     for key in ("steps", "checkpoint_every"):
         if cfg[key] < 1:
@@ -159,3 +183,20 @@ def validate(cfg: dict, module) -> None:
     if hasattr(module, "validate"):
         module.validate(cfg)
 
+
+
+def derive(cfg: dict, overrides: list[str]) -> Config:
+    """A resolved config with more overrides applied (a companion run of the same settings), validated and with its
+    variant named anew."""
+    module = method_module(cfg["method"])
+    base = {k: v for k, v in copy.deepcopy(dict(cfg)).items() if k not in ("variant", "method_key")}
+    for text in overrides:
+        base = _merge(base, parse_override(text))
+    validate(base, module)
+    return Config({**base, "variant": variant_of(base, module), "method_key": module.CONFIG_SECTION})
+
+
+def variant_of(cfg: dict, module) -> str:
+    """The method's variant, with ``/full-finetune`` when every UNet weight is trained."""
+    name = module.variant(cfg)
+    return name + "/full-finetune" if cfg.get("finetune", "lora") == "full" else name

@@ -10,7 +10,9 @@ the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta
 - every held-out metric of ``eval.metrics`` (rewards never trained on: reward hacking shows there),
 - the judge's prompt fidelity (the tiny world; all three attributes, and each),
 - the KL to the base model along ``eval.kl_seeds`` trajectories of the *training* sampler at eta = 1
-  (``diffalign.sampling.kl_to_base``, its step noise from the fixed seed ``KL_SEED``).
+  (``diffalign.sampling.kl_to_base``, its step noise from the fixed seed ``KL_SEED``),
+- with ``fd`` in ``eval.metrics``: sample quality against the number of function evaluations, the Frechet
+  distance to real images at each NFE of ``eval.fd.nfe`` (``bench.quality``; at the first and last evaluation).
 
 ``summary`` turns the first and the last evaluation into the before -> after figures of a run, with the gain in
 standard errors unpaired and paired (the same prompts and seeds before and after).  Eval samples are not counted
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.config import Config
+from bench.quality import FD_METRIC, FrechetVsNFE
 from bench.tinyworld.judge import load_judge
 from diffalign import world
 from diffalign.errors import BenchError
@@ -49,8 +52,9 @@ class Evaluator:
 
     def __init__(self, cfg: Config, reward):
         self.cfg, self.reward = cfg, reward
-        self.heldout = {spec: get_reward(spec) for spec in cfg.eval.metrics if spec != cfg.reward}
+        self.heldout = {spec: get_reward(spec) for spec in cfg.eval.metrics if spec not in (cfg.reward, FD_METRIC)}
         self.prompts = load_prompts(cfg.eval_prompts)
+        self.quality = FrechetVsNFE(cfg, self.prompts) if FD_METRIC in cfg.eval.metrics else None
         self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
         if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
             for p in self.prompts:
@@ -64,11 +68,14 @@ class Evaluator:
         for metric in self.heldout.values():
             if hasattr(metric, "to"):
                 metric.to(device)
+        if self.quality is not None:
+            self.quality.to(device)
         return self
 
     @torch.no_grad()
-    def __call__(self, pipe, step: int, base_rewards: list[float] | None = None) -> Evaluation:
-        """Evaluate the current model; ``base_rewards``: the step-0 evaluation's per-image rewards (win rate)."""
+    def __call__(self, pipe, step: int, base_rewards: list[float] | None = None, final: bool = False) -> Evaluation:
+        """Evaluate the current model; ``base_rewards``: the step-0 evaluation's per-image rewards (win rate);
+        ``final``: the run's last evaluation (the Frechet distances are computed at the first and the last)."""
         ec, device = self.cfg.eval, pipe.device
         # 1. the fixed eval noise: seed s for the s-th image of every prompt
         noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
@@ -111,6 +118,9 @@ class Evaluator:
                               self.cfg.sampler.guidance, 1.0, torch.Generator().manual_seed(KL_SEED))
                    for p in self.prompts]
             out["kl_to_base"] = float(torch.cat(kls).mean())
+        # 6. sample quality against NFE: the Frechet distance to real images
+        if self.quality is not None and self.quality.due(step, final):
+            out.update(self.quality(pipe, noise, images))
         return Evaluation(out, samples, images, prompts)
 
     def summary(self, first: dict, last: dict, samples: list[dict], step: int) -> dict:
@@ -129,4 +139,6 @@ class Evaluator:
             "steps": step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],
             **{f"{spec}_{when}": row.get(f"eval_{spec}_mean") for spec in self.heldout
                for when, row in (("before", first), ("after", last))},
+            **{f"{k}_{when}": row[k] for when, row in (("before", first), ("after", last))
+               for k in sorted(row) if k.startswith("fd_nfe")},
         }

@@ -3,12 +3,15 @@
 The loop, for every method alike::
 
     build: method, reward, prompt sets, evaluator (held-out metrics, judge), pipeline (frozen) + LoRA, Context
-    evaluate at step 0 (fixed eval prompts x fixed seeds, deterministic DDIM), grid, checkpoint
+    evaluate at step 0 (fixed eval prompts x fixed seeds, deterministic DDIM; reused from bench.evalcache when
+        another run already evaluated the same base model the same way), grid, checkpoint
     for step in 1..steps:
         metrics = method.step()                   # one optimizer update, the method's own recipe
         every eval.every steps and at the end: evaluate (+ grid every eval.grid_every)
         every checkpoint_every steps and at the end: checkpoint, metrics table, curve
     write the LoRA adapter, final grids, summary, manifest (status complete); print one summary line
+    a companion run, if the method asks for one (OGDM's gamma = 0 baseline): run into <run>/baseline/, then the
+        table comparing both (fd_nfe.*)
 
 ``start(cfg)`` builds and checks everything before the run folder is created; ``resume(run_dir)`` reloads the
 run's resolved config and its last checkpoint (LoRA, method state, RNG state, cost counters, metrics rows) and
@@ -31,20 +34,23 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from bench.config import Config
+from bench import evalcache
+from bench.config import Config, derive
 from bench.context import Context
-from bench.evaluate import Evaluator
+from bench.evaluate import Evaluation, Evaluator
+from bench.outputs import quality as quality_outputs
 from bench.outputs.plots import plot_run, save_before_after, save_grid
 from bench.trackers import Trackers
 from diffalign.costs import Costs
 from diffalign.errors import BenchError
-from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, make_full_finetune, save_lora
 from diffalign.pipeline import load_pipeline
 from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, RunFolder, project_path, safe_name
 from methods import method_module
 from prompts import load_prompts
 from rewards import get_reward
 
+COMPANION_DIR = "baseline"  # a method's companion run (OGDM's gamma = 0 baseline) inside its run folder
 COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
                 "win_rate", "win_rate_sem", "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count",
                 "kl_to_base", "images", "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
@@ -75,7 +81,10 @@ class Run:
             reward.to(accelerator.device)
         self.evaluator.to(accelerator.device)
         lc = cfg.lora
-        trainable = add_lora(pipe.unet, lc.rank, lc.alpha, lc.targets, lc.init, seed=cfg.seed)
+        if cfg.get("finetune", "lora") == "full":
+            trainable = make_full_finetune(pipe.unet)
+        else:
+            trainable = add_lora(pipe.unet, lc.rank, lc.alpha, lc.targets, lc.init, seed=cfg.seed)
         self.ctx = Context(cfg=cfg, pipe=pipe, reward=reward, train_prompts=train_prompts,
                            generator=torch.Generator().manual_seed(cfg.seed), costs=Costs(),
                            accelerator=accelerator, trainable=trainable)
@@ -86,6 +95,8 @@ class Run:
         self.first_eval: dict | None = None   # the step-0 evaluation (the summary's "before")
         self.eval_samples: list[dict] = []    # per eval image: step, prompt, seed, reward and held-out metrics
         self.wall_offset = 0.0                # wall time of earlier sessions of a resumed run
+        self.eval_time = 0.0                  # seconds spent evaluating (all sessions)
+        self.eval0_source = "computed"        # or "cache <key>": where the step-0 evaluation came from
 
     # ---- state ----------------------------------------------------------------------------------------
     def wall(self) -> float:
@@ -95,7 +106,7 @@ class Run:
         state = {"step": self.step, "lora": lora_state_dict(self.ctx.pipe.unet), "method": self.method.state_dict(),
                  "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
                  "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
-                 "eval_samples": self.eval_samples}
+                 "eval_samples": self.eval_samples, "eval_time": self.eval_time}
         self.folder.write_checkpoint(state)
         self.write_tables()
 
@@ -108,6 +119,7 @@ class Run:
         self.step, self.rows, self.first_eval = state["step"], state["rows"], state["first_eval"]
         self.eval_samples = state["eval_samples"]
         self.wall_offset = state["wall"]
+        self.eval_time = state.get("eval_time", 0.0)
 
     def write_tables(self) -> None:
         df = pd.DataFrame(self.rows)
@@ -119,14 +131,28 @@ class Run:
         plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}")
 
     # ---- one row of the metrics table -----------------------------------------------------------------
-    def evaluate(self, grid: bool) -> dict:
+    def evaluate(self, grid: bool, final: bool = False) -> dict:
+        t0 = time.time()
         base = [e["reward"] for e in self.eval_samples if e["step"] == 0]
-        ev = self.evaluator(self.ctx.pipe, self.step, base)
+        ev = self.evaluate_base() if self.step == 0 else self.evaluator(self.ctx.pipe, self.step, base, final)
         self.eval_samples += ev.samples
         if grid:
             save_grid(ev.images, ev.prompts, self.cfg.eval.num_seeds, self.folder.grid_path(self.step),
                       title=f"{self.cfg.method} / {self.cfg.reward} / step {self.step}")
+        self.eval_time += time.time() - t0
         return ev.metrics
+
+    def evaluate_base(self) -> Evaluation:
+        """The step-0 evaluation (the base model), from the cache when the same evaluation was made before."""
+        key = evalcache.key(self.cfg, self.ctx.pipe.path, self.device)
+        hit = evalcache.load(key)
+        if hit is not None:
+            self.eval0_source = f"cache {key}"
+            return Evaluation(hit["metrics"], hit["samples"], hit["images"].float() / 255, hit["prompts"])
+        ev = self.evaluator(self.ctx.pipe, 0, None, final=False)
+        u8 = (ev.images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # what the grids store
+        evalcache.save(key, {"metrics": ev.metrics, "samples": ev.samples, "images": u8, "prompts": ev.prompts})
+        return ev
 
     def record(self, metrics: dict, eval_metrics: dict | None) -> None:
         c = self.ctx.costs
@@ -157,7 +183,7 @@ class Run:
             last = self.step == cfg.steps
             ev = None
             if self.step % cfg.eval.every == 0 or last:
-                ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last)
+                ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last, final=last)
             self.record(metrics, ev)
             bar.update(1)
             bar.set_postfix({"reward": f"{metrics.get('reward_mean', float('nan')):.4f}"}, refresh=False)
@@ -176,9 +202,12 @@ class Run:
             "method": cfg.method, "variant": cfg.variant, "step": self.step})
         save_before_after(folder.grid_path(0), folder.grid_path(self.step), folder.start_vs_end_path)
         summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
+        summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time)
         folder.write_summary(summary)
+        quality_outputs.write(folder.path, quality_outputs.fd_rows(pd.DataFrame(self.rows), cfg.method, True),
+                              f"{cfg.method} on {cfg.reward}")
         self.trackers.close()
-        folder.update_manifest(status="complete", end_time=now())
+        folder.update_manifest(status="complete", end_time=now(), eval0=self.eval0_source)
         return summary
 
 
@@ -207,7 +236,8 @@ def start(cfg: Config, run_dir: str | None = None) -> tuple[str, dict]:
                            device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
                            git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
                            reward=cfg.reward, argv=sys.argv, host=platform.node())
-    return run_dir, run.train()
+    summary = run.train()
+    return run_dir, companion(run_dir, cfg, summary)
 
 
 def resume(run_dir: str) -> tuple[str, dict]:
@@ -218,12 +248,40 @@ def resume(run_dir: str) -> tuple[str, dict]:
     run = Run(Config(folder.read_config()), folder)
     manifest = folder.read_manifest()
     if manifest.get("status") == "complete":
-        return run_dir, folder.read_summary()
+        return run_dir, companion(run_dir, run.cfg, folder.read_summary())
     resumed = os.path.isfile(folder.checkpoint_path)
     if resumed:
         run.restore()
     folder.update_manifest(resumes=manifest.get("resumes", []) + [{"time": now(), "from_step": run.step}])
-    return run_dir, run.train(resumed=resumed)
+    summary = run.train(resumed=resumed)
+    return run_dir, companion(run_dir, run.cfg, summary)
+
+
+def companion(run_dir: str, cfg: Config, summary: dict) -> dict:
+    """The method's companion run, if it asks for one (``companion_baseline(cfg)``: overrides of this run's config,
+    e.g. OGDM's gamma = 0 baseline): started, resumed or found complete in ``<run_dir>/baseline``; then the Frechet
+    distance table of base model, baseline and this run.  Returns the summary with the baseline's under
+    ``baseline``."""
+    ask = getattr(method_module(cfg.method), "companion_baseline", None)
+    overrides = ask(cfg) if ask is not None else None
+    if not overrides:
+        return summary
+    sub = os.path.join(run_dir, COMPANION_DIR)
+    folder = RunFolder(sub)
+    state = folder.status()
+    if state == "complete":
+        base_summary = folder.read_summary()
+    elif state == "interrupted":
+        base_summary = resume(sub)[1]
+    else:
+        base_summary = start(derive(cfg, overrides), sub)[1]
+    main_metrics, base_metrics = RunFolder(run_dir).read_metrics(), folder.read_metrics()
+    base_cfg = Config(folder.read_config())
+    rows = (quality_outputs.fd_rows(main_metrics, "base model", True)[:1]
+            + quality_outputs.fd_rows(base_metrics, base_cfg.variant, False)
+            + quality_outputs.fd_rows(main_metrics, cfg.variant, False))
+    quality_outputs.write(run_dir, rows, f"{cfg.method} and its baseline on {cfg.reward}")
+    return {**summary, "baseline": {"variant": base_cfg.variant, **base_summary}}
 
 
 # ---- the manifest's provenance ------------------------------------------------------------------------------

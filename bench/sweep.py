@@ -31,7 +31,7 @@ import sys
 import yaml
 
 from bench import run
-from bench.config import resolve
+from bench.config import identity, resolve
 from diffalign import store
 from diffalign.errors import BenchError
 from diffalign.store import RunFolder, safe_name
@@ -54,8 +54,7 @@ class PlannedRun:
 def config_hash(cfg: dict) -> str:
     """The run's identity: a hash of its resolved config (the harness's own additions and the trackers,
     which mirror the metrics without changing them, left out)."""
-    plain = {k: v for k, v in dict(cfg).items() if k not in ("variant", "method_key", "trackers")}
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _method_sections() -> dict[str, str]:

@@ -28,6 +28,7 @@ METHODS = {
     "rlr-code": "methods.rlr_code",  # RLR as the released code does it (FO K = 1 + PPO single steps)
     "diffusion-dpo": "methods.diffusion_dpo",  # DPO on terminal preference pairs, uniform credit over timesteps
     "dde": "methods.dde",            # DDE, our reconstruction (dde/reconstructed): DPO with a derived credit weight
+    "ogdm": "methods.ogdm",          # OGDM: denoising loss + a noise-level-conditioned discriminator on real data
 }
 
 

@@ -48,6 +48,12 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _eval_cache(tmp_path_factory):
+    """The step-0 evaluation cache of the test session: its own folder (not the checkout's results/cache)."""
+    os.environ["DIFFALIGN_EVAL_CACHE"] = str(tmp_path_factory.mktemp("eval0-cache"))
+
+
 def method_context(cfg, pipe, params, reward, prompts=PROMPTS, seed: int = 0) -> Context:
     """The Context a method gets from the harness, built by hand around a resolved config and a pipeline."""
     return Context(cfg=cfg, pipe=pipe, reward=reward, train_prompts=list(prompts),

@@ -72,7 +72,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
     (no_unet / "model_index.json").write_text("{}")
     cases = [
         (["run", "--method", "dpo"],
-         "unknown method 'dpo'; accepted: alignprop, dde, ddpo, ddpo-sf, diffusion-dpo, dpok, rlr, rlr-code"),
+         "unknown method 'dpo'; accepted: alignprop, dde, ddpo, ddpo-sf, diffusion-dpo, dpok, ogdm, rlr, rlr-code"),
         (base + ["--method", "alignprop", "--reward", "beauty"], "unknown reward 'beauty'; accepted:"),
         (base + ["--method", "alignprop", "train_prompts=animals"], "unknown prompt set 'animals'; accepted:"),
         (base + ["--method", "alignprop", "--model", str(tmp_path / "nowhere")], "does not exist; accepted:"),

@@ -55,6 +55,7 @@ paper-sweep: $(STAMP)
 	$(PY) -m bench sweep --file bench/sweeps/paper-dpok.yaml
 	$(PY) -m bench sweep --file bench/sweeps/paper-alignprop-k1.yaml
 	$(PY) -m bench sweep --file bench/sweeps/paper-preference.yaml
+	$(PY) -m bench sweep --file bench/sweeps/paper-ogdm.yaml
 
 # The DDE credit-assignment study (bench/sweeps/credit.yaml: four credit weightings x 3 seeds on the tiny pairs)
 # into results/sweeps/credit, and its figures and table into docs/credit (the weight curves: docs/credit/weights.png).

@@ -185,6 +185,21 @@ def summary_line(method: str, s: dict, run_dir: str) -> str:
     fid = ""
     if s.get("fidelity_before") is not None:
         fid = f", prompt fidelity {s['fidelity_before']:.2f} -> {s['fidelity_after']:.2f}"
-    return (f"{method}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
+    line = (f"{method}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
             f"({s['eval_reward_gain_in_se']:+.1f} SE, paired {s.get('eval_reward_gain_in_paired_se', 0):+.1f} SE)"
-            f"{fid}; {s['steps']} steps in {s['wall_time_s']:.0f} s; results in {run_dir}")
+            f"{fid}{_fd_text(s)}; {s['steps']} steps in {s['wall_time_s']:.0f} s; results in {run_dir}")
+    if s.get("baseline"):
+        b = s["baseline"]
+        line += (f"\n  baseline {b['variant']}: eval reward -> {b['eval_reward_after']:.4f}{_fd_text(b)}; "
+                 f"{b['steps']} steps in {b['wall_time_s']:.0f} s; table: {os.path.join(run_dir, 'fd_nfe.md')}")
+    return line
+
+
+def _fd_text(s: dict) -> str:
+    """', FD at NFE 3/5/10/20 81.8/47.5/31.1/26.7 -> ...' from a summary's fd_nfe<N>_before/_after."""
+    nfes = sorted(int(k[len("fd_nfe"):-len("_after")]) for k in s if k.startswith("fd_nfe") and k.endswith("_after"))
+    if not nfes:
+        return ""
+    before = "/".join(f"{s[f'fd_nfe{n}_before']:.1f}" for n in nfes)
+    after = "/".join(f"{s[f'fd_nfe{n}_after']:.1f}" for n in nfes)
+    return f", FD at NFE {'/'.join(map(str, nfes))} {before} -> {after}"

@@ -19,9 +19,9 @@ so where every seed's value is positive its band is taken on the logarithm::
 A linear band of 3 standard deviations would reach below zero there and could not see a method that
 stopped moving (DDPO with its advantages zeroed: KL 0).
 
-Checked curves: ``eval_reward_mean``, ``fidelity``, ``kl_to_base`` and every held-out ``eval_<m>_mean``
-that the baseline has.  Besides the bands, every column that was finite at a step in every baseline seed
-must be finite there in the rerun ("became NaN").
+Checked curves: ``eval_reward_mean``, ``fidelity``, ``kl_to_base``, every held-out ``eval_<m>_mean`` and every
+Frechet distance ``fd_nfe<N>`` that the baseline has.  Besides the bands, every column that was finite at a step in
+every baseline seed must be finite there in the rerun ("became NaN").
 
 ``bench regress`` reruns each baselined method's short config (``--seeds``, default the first baseline
 seed, so a rerun on the machine that recorded it reproduces that seed's curve exactly), prints one line per
@@ -74,6 +74,7 @@ SHORT_METHOD = {
     "rlr-code": ["rlr_code.batch_size=4"],
     "diffusion-dpo": ["diffusion_dpo.batch_size=8"],
     "dde": ["dde.batch_size=8"],
+    "ogdm": ["ogdm.batch_size=8", "ogdm.baseline_run=false", "ogdm.gamma=0.1"],
 }
 
 
@@ -139,7 +140,8 @@ def record(method: str, seeds: list[int], extra: list[str] | None = None, workdi
     seconds = (time.time() - t0) / len(seeds)
     curves = {}
     for m in [c for c in CURVES if c in frames[0]] + sorted(
-            c for c in frames[0] if c.startswith("eval_") and c.endswith("_mean") and c not in CURVES and "/" not in c):
+            c for c in frames[0] if (c.startswith("eval_") and c.endswith("_mean") and c not in CURVES and "/" not in c)
+            or c.startswith("fd_nfe")):
         steps = sorted(set.intersection(*(set(f.loc[f[m].notna(), "step"]) for f in frames)))
         if not steps:
             continue

@@ -72,3 +72,39 @@ def write(folder_path: str, rows: list[tuple[str, int, dict[int, float]]], title
     save_figure(fig, stem + ".png", dpi=120)
     plt.close(fig)
     return [stem + ".csv", stem + ".md", stem + ".png"]
+
+
+def sweep_markdown(runs, label_of) -> str:
+    """FD against NFE over a sweep: the base model (step 0, the same for every run with the same eval) and each
+    group's final FD, mean +/- standard error over its seeds; ``label_of(run, runs)`` names a group."""
+    import numpy as np
+
+    with_fd = [r for r in runs if any(FD_COLUMN.match(str(c)) for c in r.df.columns)]
+    if not with_fd:
+        return ""
+    groups: dict[tuple[str, str], list] = {}
+    for r in with_fd:
+        groups.setdefault((r.reward, label_of(r, with_fd)), []).append(r)
+    nfes = sorted({n for r in with_fd for row in r.df.to_dict("records") for n in fd_columns(row)})
+
+    def cell(values: list[float]) -> str:
+        v = np.array(values, dtype=float)
+        if not len(v):
+            return "-"
+        return f"{v.mean():.2f} ± {v.std(ddof=1) / np.sqrt(len(v)):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+    lines = ["| model | reward | seeds | " + " | ".join(f"FD at NFE {n}" for n in nfes) + " |",
+             "|" + "|".join(" --- " for _ in range(3 + len(nfes))) + "|"]
+    for reward in sorted({k[0] for k in groups}):
+        members = [r for (rw, _), rs in groups.items() if rw == reward for r in rs]
+        first = [fd_columns(r.df[r.df["step"] == 0].iloc[0].to_dict()) for r in members if (r.df["step"] == 0).any()]
+        lines.append(f"| base model (step 0) | {reward} | {len(first)} | "
+                     + " | ".join(cell([f[n] for f in first if n in f]) for n in nfes) + " |")
+        for (rw, label), rs in sorted(groups.items()):
+            if rw != reward:
+                continue
+            last = [fd_rows(r.df, label, False)[-1][2] for r in rs if fd_rows(r.df, label, False)]
+            lines.append(f"| {label} | {reward} | {len(last)} | "
+                         + " | ".join(cell([f[n] for f in last if n in f]) for n in nfes) + " |")
+    note = "Frechet distance to real images (lower is better) at each NFE of the eval sampler, mean ± SE over seeds."
+    return "\n".join(lines) + "\n\n" + note + "\n"

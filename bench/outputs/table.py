@@ -9,7 +9,9 @@ seeds (complete runs only):
   or above it, per seed; seeds that never reach it are left out of the mean and counted, e.g. ``(2/3)``.
   The default threshold, per reward, is halfway from the base model's eval reward (step 0) to the best
   row's final eval reward; the caption states the value used;
-- peak memory (MB) and UNet passes (forward + backward, in images) per optimizer step.
+- peak memory (MB) and UNet passes (forward + backward, in images) per optimizer step;
+- where the runs have them, the Frechet distance at each NFE (``fd_nfe<N>``, lower is better), and a second table
+  ``STEM_fd.md``: the base model's FD (step 0) above each group's final FD, per NFE.
 
 The best entry of a column within one reward is bold (higher is better for rewards and fidelity, lower
 for costs; ``kl_to_base`` says how far a method moved, which is neither, so it is never bold).
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from bench.outputs.compare import RunData, group_label
+from bench.outputs.quality import FD_COLUMN, sweep_markdown
 from diffalign import store
 from diffalign.errors import BenchError
 
@@ -55,7 +58,8 @@ def heldout_metrics(runs: list[RunData]) -> list[str]:
     cols = set().union(*(r.df.columns for r in runs))
     extra = sorted(c for c in cols if c.startswith("eval_") and c.endswith("_mean") and c != "eval_reward_mean"
                    and "/" not in c)
-    return [c for c in ("win_rate", "fidelity", "kl_to_base") if c in cols] + extra
+    fd = sorted((c for c in cols if FD_COLUMN.match(c)), key=lambda c: int(FD_COLUMN.match(c).group(1)))
+    return [c for c in ("win_rate", "fidelity", "kl_to_base") if c in cols] + extra + fd
 
 
 def time_to(df: pd.DataFrame, threshold: float) -> dict[str, float]:
@@ -97,7 +101,7 @@ def build(runs: list[RunData], threshold: float | None = None) -> tuple[pd.DataF
         cols: dict[str, list[float]] = {"eval_reward_mean": [_final(r.df, "eval_reward_mean") for r in members]}
         for m in heldout:
             cols[m] = [_final(r.df, m) for r in members]
-            directions[m] = NEITHER if m == "kl_to_base" else HIGHER
+            directions[m] = NEITHER if m == "kl_to_base" else LOWER if FD_COLUMN.match(m) else HIGHER
         reached = [time_to(r.df, thresholds[reward]) for r in members]
         for k in ("images", "reward_queries", "wall_time"):
             cols[f"{k}_to_threshold"] = [t[k] for t in reached]
@@ -124,6 +128,8 @@ HEADERS = {"eval_reward_mean": "eval reward", "win_rate": "win rate vs base", "f
 def _header(col: str) -> str:
     if col in HEADERS:
         return HEADERS[col]
+    if FD_COLUMN.match(col):
+        return f"FD at NFE {FD_COLUMN.match(col).group(1)}"
     return col[len("eval_"):-len("_mean")] + " (held-out)" if col.startswith("eval_") else col
 
 
@@ -214,4 +220,9 @@ def write(runs: list[RunData], stem: str, threshold: float | None = None) -> lis
     plain = table.copy()
     plain.insert(4, "threshold", [thresholds[r] for r in plain["reward"]])
     store.atomic_write_text(stem + ".csv", plain.to_csv(index=False))
-    return [stem + ".md", stem + ".tex", stem + ".csv"]
+    written = [stem + ".md", stem + ".tex", stem + ".csv"]
+    fd = sweep_markdown([r for r in runs if r.complete], group_label)
+    if fd:
+        store.atomic_write_text(stem + "_fd.md", fd)
+        written.append(stem + "_fd.md")
+    return written

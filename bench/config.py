@@ -15,6 +15,7 @@ import os
 
 import yaml
 
+from bench import schema
 from diffalign.errors import BenchError
 from methods import method_module
 
@@ -33,6 +34,8 @@ COMMON: dict = {
     "mixed_precision": "no",         # no | fp16 | bf16 (frozen weights in that dtype; LoRA stays fp32)
     "threads": 0,                    # torch CPU threads; 0 = torch's default
     "finetune": "lora",              # lora (the adapter below) | full (every UNet weight, a frozen copy as reference)
+    "nan_policy": "skip",            # a non-finite reward, loss or gradient norm: skip that update | stop the run
+    "nan_patience": 3,               # skip: stop after this many consecutive skipped updates
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
     "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
@@ -45,12 +48,13 @@ COMMON: dict = {
     "tag": "",
     "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)
 }
-CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16"), "finetune": ("lora", "full")}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16"), "finetune": ("lora", "full"),
+           "nan_policy": ("skip", "stop")}
 
 # Keys added after runs were committed to the store.  At these values a config means exactly what it meant before
 # the key existed (the code behaved so), so a run's identity (``identity``, the sweep hash) leaves them out and the
 # committed runs keep their identity.  ``eval.fd`` only matters when "fd" is in eval.metrics.
-LATER_KEYS = {("finetune",): "lora"}
+LATER_KEYS = {("finetune",): "lora", ("nan_policy",): "skip", ("nan_patience",): 3}
 
 
 def identity(cfg: dict) -> dict:
@@ -111,8 +115,9 @@ def _check_type(key: str, default, value):
     else:
         ok = True
     if not ok:
-        raise BenchError(f"config key {key!r} takes a {type(default).__name__} (default {default!r}), "
-                         f"got {value!r}")
+        kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+                "list": "a list"}.get(type(default).__name__, type(default).__name__)
+        raise BenchError(f"config key {key!r} = {value!r}; accepted: {kind} (the default is {default!r})")
     return value
 
 
@@ -168,6 +173,7 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
 
 
 def validate(cfg: dict, module) -> None:
+    schema.check(cfg, module.CONFIG_SECTION)  # every key's type and range (bench/schema.py)
     for key, accepted in CHOICES.items():
         if cfg.get(key, accepted[0]) not in accepted:
             raise BenchError(f"config key {key!r} = {cfg[key]!r}; accepted: {', '.join(accepted)}")

@@ -79,14 +79,14 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
         (base + ["--method", "alignprop", "--model", str(bad_index)], "model_index.json is malformed"),
         (base + ["--method", "alignprop", "--model", str(no_unet)], "lacks unet/, text_encoder/"),
         (base + ["--method", "alignprop", "alignprop.lrr=1"], "unknown config key 'alignprop.lrr'; accepted:"),
-        (base + ["--method", "alignprop", "steps=many"], "config key 'steps' takes a int"),
+        (base + ["--method", "alignprop", "steps=many"], "config key 'steps' = 'many'; accepted: an integer"),
         (base + ["--method", "alignprop", "oops"], "bad override 'oops'; accepted: KEY=VALUE"),
         (base + ["--method", "alignprop", "alignprop.truncation=last-k"], "accepted: full, per_step, last_k"),
         (base + ["--method", "alignprop", "--reward", "jpeg-compressibility"], "is not differentiable"),
         (["run", "--resume", str(tmp_path / "nothing")], "no config.yaml there"),
         (base + ["--method", "ddpo", "sampler.eta=0"], "policy gradients need a stochastic sampler; accepted: eta > 0"),
         (base + ["--method", "ddpo-sf", "ddpo.estimator=is"], "method 'ddpo-sf' needs ddpo.estimator=sf"),
-        (base + ["--method", "dpok", "dpok.baseline=critic"], "dpok.baseline 'critic'; accepted: batch, value, none"),
+        (base + ["--method", "dpok", "dpok.baseline=critic"], "'dpok.baseline' = 'critic'; accepted: batch, value"),
         (base + ["--method", "ddpo", "ddpo.samples_per_step=10"], "must be a multiple of sample_batch_size"),
     ]
     for argv, expected in cases:

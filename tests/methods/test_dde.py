@@ -120,13 +120,14 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path, small_pixel_pipeline_d
     bad.write_text('{"prompt": "a red circle", "image_0": "gone.png", "image_1": "gone.png", "winner": 0}\n')
     cases = [
         (["--method", "dde", "dde.weighting=late"],
-         "dde.weighting 'late'; accepted: dde, stepwise, single-shot, uniform"),
-        (["--method", "dde", "dde.split=1.5"], "dde.split = 1.5; accepted: a fraction of the trajectory in (0, 1)"),
+         "'dde.weighting' = 'late'; accepted: dde, stepwise, single-shot, uniform"),
+        (["--method", "dde", "dde.split=1.5"], "'dde.split' = 1.5; accepted: a finite number in (0, 1)"),
         (["--method", "dde", "dde.t_sampling=sorted"], "accepted: uniform, importance"),
-        (["--method", "dde", "dde.label_noise=0.7"], "accepted: label_noise in [0, 0.5)"),
+        (["--method", "dde", "dde.label_noise=0.7"], "'dde.label_noise' = 0.7; accepted: a finite number in [0, 0.5)"),
         (["--method", "dde", f"dde.pairs={bad}"], "image file 'gone.png' does not exist"),
         (["--method", "diffusion-dpo", f"diffusion_dpo.pairs={tmp_path / 'none.parquet'}"], "does not exist; accepted"),
-        (["--method", "diffusion-dpo", "diffusion_dpo.samples_per_prompt=1"], "samples_per_prompt must be >= 2"),
+        (["--method", "diffusion-dpo", "diffusion_dpo.samples_per_prompt=1"],
+         "'diffusion_dpo.samples_per_prompt' = 1; accepted: an integer in 2..1024"),
     ]
     for argv, expected in cases:
         assert expected in error_line(capsys, base + argv), argv

@@ -128,12 +128,12 @@ def test_companion_baseline_and_the_fd_against_nfe_table(small_pixel_pipeline_di
 def test_bad_input_gives_one_clear_line(capsys, tmp_path, small_pixel_pipeline_dir):
     base = ["run", "--out", str(tmp_path / "run"), "--set", f"model={small_pixel_pipeline_dir}", "--method", "ogdm"]
     cases = [
-        (["ogdm.adv_loss=wgan"], "ogdm.adv_loss 'wgan'; accepted: hinge, logistic"),
+        (["ogdm.adv_loss=wgan"], "'ogdm.adv_loss' = 'wgan'; accepted: hinge, logistic"),
         ([f"ogdm.data={tmp_path / 'nowhere'}"], "does not exist; accepted: tiny-world (the renderer), a folder"),
-        (["ogdm.gamma=-1"], "ogdm.gamma = -1.0; accepted: a number >= 0"),
-        (["ogdm.k=2"], "accepted: each in [0, 1]"),
-        (["eval.metrics=[fd]", "eval.fd.nfe=[0]"], "eval.fd.nfe = [0]; accepted: distinct step counts >= 1"),
-        (["eval.metrics=[fd]", "eval.fd.features=vgg"], "eval.fd.features = 'vgg'; accepted: auto, tiny-clip"),
+        (["ogdm.gamma=-1"], "'ogdm.gamma' = -1.0; accepted: a finite number in [0, 1e+06]"),
+        (["ogdm.k=2"], "'ogdm.k' = 2.0; accepted: a finite number in [0, 1]"),
+        (["eval.metrics=[fd]", "eval.fd.nfe=[0]"], "'eval.fd.nfe' = [0]; accepted: a non-empty list of distinct"),
+        (["eval.metrics=[fd]", "eval.fd.features=vgg"], "'eval.fd.features' = 'vgg'; accepted: auto, tiny-clip"),
         (["eval.metrics=[fd]", "eval.fd.real=/no/such"], "eval.fd.real = '/no/such' does not exist"),
         (["finetune=half"], "config key 'finetune' = 'half'; accepted: lora, full"),
     ]

@@ -244,7 +244,7 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path, small_pixel_pipeline_d
     base = ["run", "--out", out, "--set", f"model={small_pixel_pipeline_dir}"]
     cases = [
         (["--method", "rlr", "rlr.h=10"], "rlr.h = 10; accepted: 1..sampler.num_steps - 1 (9)"),
-        (["--method", "rlr", "rlr.j_dist=greedy"], "rlr.j_dist 'greedy'; accepted: softmax-gradnorm, uniform"),
+        (["--method", "rlr", "rlr.j_dist=greedy"], "'rlr.j_dist' = 'greedy'; accepted: softmax-gradnorm, uniform"),
         (["--method", "rlr", "sampler.eta=0"], "accepted: eta > 0"),
         (["--method", "rlr", "rlr.chain_len=3"], "unknown config key 'rlr.chain_len'; accepted: rlr.adam_betas"),
         (["--method", "rlr", "--reward", "jpeg-compressibility"], "rlr.first_order=false"),

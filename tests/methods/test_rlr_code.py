@@ -55,7 +55,7 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path, small_pixel_pipeline_d
     cases = [
         (["--method", "rlr-code", "rlr_code.h=3"], "unknown config key 'rlr_code.h'; accepted: rlr_code.adam_betas"),
         (["--method", "rlr-code", "rlr_code.logprob_reduction=max"], "accepted: mean, sum"),
-        (["--method", "rlr-code", "rlr_code.chain_len=-1"], "rlr_code.chain_len must be >= 0"),
+        (["--method", "rlr-code", "rlr_code.chain_len=-1"], "'rlr_code.chain_len' = -1; accepted: an integer in 0.."),
         (["--method", "rlr-code", "--reward", "jpeg-compressibility"], "is not differentiable"),
     ]
     for argv, expected in cases:

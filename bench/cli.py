@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except run.Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return run.EXIT_INTERRUPTED
 
 
 # ---- one handler per subcommand ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ The key is a SHA-256 over
   training sampler's steps and guidance (the KL-to-base trajectories), ``finetune``, ``mixed_precision``;
 - where it runs: the device, torch's thread count (the summation order), the torch version, and the
   ``DIFFALIGN_*`` environment variables that name a file or folder (the reward weights they point at);
-- the code of the evaluation: the source of every module it runs (``CODE``).
+- the code of the evaluation: the source of every module it runs (``CODE``), and of any plug-in reward.
 
 Change any of them and the key changes, so a stale evaluation is never reused.  ``DIFFALIGN_EVAL_CACHE=0`` turns
 the cache off; ``DIFFALIGN_EVAL_CACHE=<folder>`` puts it elsewhere.
@@ -80,6 +80,27 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
+def _plugin_sources(specs: list[str]) -> dict[str, str]:
+    """The source hash of every plug-in reward (``package.module:Class``) among the specs: its code is the eval's."""
+    import importlib.util
+    import re
+
+    out = {}
+    for spec in specs:
+        for part in str(spec).split(","):
+            m = re.match(r"^\s*([A-Za-z_][\w.]*)\s*:\s*([A-Za-z_]\w*)\s*$", part)
+            if not m:
+                continue
+            try:
+                origin = importlib.util.find_spec(m.group(1)).origin
+            except (ImportError, AttributeError, ValueError):
+                origin = None
+            if origin and os.path.isfile(origin):
+                with open(origin, "rb") as f:
+                    out[part.strip()] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def key(cfg, model_path: str, device: str) -> str:
     h = hashlib.sha256()
     _hash_tree(h, model_path)
@@ -92,7 +113,7 @@ def key(cfg, model_path: str, device: str) -> str:
                 "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "env": {k: v for k, v in sorted(os.environ.items())  # the variables that point at weights
                         if k.startswith("DIFFALIGN_") and k != CACHE_ENV and os.path.exists(v)},
-                "code": code_hash()}
+                "code": code_hash(), "plugins": _plugin_sources([cfg["reward"], *cfg["eval"]["metrics"]])}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 

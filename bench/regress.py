@@ -236,8 +236,7 @@ def regress(methods: list[str] | None, baselines: str = BASELINES, out: str = RE
         log(f"regress: no baseline yet for {', '.join(unbaselined)} (not checked)")
     problems = []
     for method in todo:
-        with open(baseline_path(baselines, method)) as f:
-            base = json.load(f)
+        base = read_baseline(baseline_path(baselines, method))
         run_seeds = seeds if seeds is not None else base["seeds"][:1]
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix=f"regress-{method}-") as tmp:
@@ -251,6 +250,20 @@ def regress(methods: list[str] | None, baselines: str = BASELINES, out: str = RE
             log(line)
         problems += found
     return problems
+
+
+def read_baseline(path: str) -> dict:
+    """A baseline file, or one error line naming it when it is damaged."""
+    try:
+        with open(path) as f:
+            base = json.load(f)
+        missing = [k for k in ("method", "overrides", "seeds", "curves") if not isinstance(base, dict) or k not in base]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        return base
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BenchError(f"baseline {path!r} is damaged ({e}); accepted: a file written by 'bench regress --update' "
+                         "(record it anew)") from None
 
 
 def update(methods: list[str] | None, baselines: str = BASELINES, seeds: list[int] | None = None,

@@ -16,16 +16,29 @@ The loop, for every method alike::
 ``start(cfg)`` builds and checks everything before the run folder is created; ``resume(run_dir)`` reloads the
 run's resolved config and its last checkpoint (LoRA, method state, RNG state, cost counters, metrics rows) and
 continues; with the same seed and thread count on CPU it ends with the same metrics as a run that was never
-interrupted.  The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.evaluate``'s.
+interrupted.  What a run survives:
+
+- SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C): the current step finishes, a checkpoint is written, the
+  manifest says ``interrupted`` and the process exits with status 75 (``EXIT_INTERRUPTED``); ``--resume`` goes on;
+- a damaged last checkpoint (truncated, foreign): ``--resume`` falls back to the previous one
+  (``checkpoint.prev.pt``) with one warning line, or names the files if neither is usable;
+- non-finite rewards, losses or gradients: the update is skipped (``bench.context``), counted in
+  ``skipped_updates``, and the run stops after ``nan_patience`` consecutive skips (manifest ``stopped``);
+- a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid.
+
+The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.evaluate``'s.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 
@@ -36,7 +49,7 @@ from tqdm import tqdm
 
 from bench import evalcache
 from bench.config import Config, derive
-from bench.context import Context
+from bench.context import Context, NonFiniteStop
 from bench.evaluate import Evaluation, Evaluator
 from bench.outputs import quality as quality_outputs
 from bench.outputs.plots import plot_run, save_before_after, save_grid
@@ -55,6 +68,21 @@ COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_r
                 "win_rate", "win_rate_sem", "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count",
                 "kl_to_base", "images", "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
 CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
+SIGNAL_ENV = "DIFFALIGN_SIGTERM_AFTER_STEP"  # tests: send this process SIGTERM right after this step's update
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; resume to continue
+CHECKPOINT_KEYS = ("step", "lora", "method", "generator", "costs", "rows")
+
+
+class AlreadyStarted(BenchError):
+    """The run folder already holds a run (another writer started it)."""
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGTERM or SIGINT after checkpointing its current step (resumable)."""
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -97,6 +125,7 @@ class Run:
         self.wall_offset = 0.0                # wall time of earlier sessions of a resumed run
         self.eval_time = 0.0                  # seconds spent evaluating (all sessions)
         self.eval0_source = "computed"        # or "cache <key>": where the step-0 evaluation came from
+        self.checkpointed_step = -1           # the step of the last checkpoint written by this process
 
     # ---- state ----------------------------------------------------------------------------------------
     def wall(self) -> float:
@@ -108,10 +137,11 @@ class Run:
                  "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
                  "eval_samples": self.eval_samples, "eval_time": self.eval_time}
         self.folder.write_checkpoint(state)
+        self.checkpointed_step = self.step
         self.write_tables()
 
     def restore(self) -> None:
-        state = self.folder.read_checkpoint()
+        state = self.folder.read_checkpoint(CHECKPOINT_KEYS, warn=warn)
         load_lora_state_dict(self.ctx.pipe.unet, state["lora"])
         self.method.load_state_dict(state["method"])
         self.ctx.generator.set_state(state["generator"])
@@ -158,12 +188,32 @@ class Run:
         c = self.ctx.costs
         row = {"step": self.step, **metrics, **self.ctx.pop_reward_terms(), **(eval_metrics or {}), "images": c.images,
                "reward_queries": c.reward_queries, "unet_fwd": c.unet_fwd, "unet_bwd": c.unet_bwd,
-               "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device)}
+               "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device),
+               "skipped_updates": self.ctx.skipped_updates}
         self.rows.append(row)
         self.trackers.log(row, self.step)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resumed: bool = False) -> dict:
+        """The loop, with SIGTERM / SIGINT turned into a checkpoint and a clean stop after the current step."""
+        self.signalled: str | None = None
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum, frame):
+                self.signalled = signal.Signals(signum).name
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, on_signal)
+        try:
+            return self._train(resumed)
+        except NonFiniteStop as e:
+            self.folder.update_manifest(status="stopped", reason=str(e), end_time=now())
+            raise
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+
+    def _train(self, resumed: bool) -> dict:
         cfg = self.cfg
         self.t0 = time.time()
         # 1. the base model's evaluation (step 0), its grid and a first checkpoint
@@ -172,28 +222,45 @@ class Run:
             self.record({}, self.first_eval)
             self.checkpoint()
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        signal_after = int(os.environ.get(SIGNAL_ENV, "0") or 0)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", file=sys.stderr,
                    dynamic_ncols=True, mininterval=1.0)
-        while self.step < cfg.steps:
-            self.step += 1
-            # 2. one optimizer update, the method's own recipe
-            with self.ctx.accelerator.autocast():
-                metrics = self.method.step()
-            # 3. evaluate every eval.every steps and at the end
-            last = self.step == cfg.steps
-            ev = None
-            if self.step % cfg.eval.every == 0 or last:
-                ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last, final=last)
-            self.record(metrics, ev)
-            bar.update(1)
-            bar.set_postfix({"reward": f"{metrics.get('reward_mean', float('nan')):.4f}"}, refresh=False)
-            # 4. checkpoint every checkpoint_every steps and at the end
-            if self.step % cfg.checkpoint_every == 0 or last:
-                self.checkpoint()
-            if crash_after and self.step == crash_after:
-                os._exit(137)
-        bar.close()
-        return self.finish()
+        try:
+            while self.step < cfg.steps:
+                if self.signalled:
+                    self.interrupt()
+                self.step += 1
+                self.ctx.step = self.step
+                # 2. one optimizer update, the method's own recipe
+                with self.ctx.accelerator.autocast():
+                    metrics = self.method.step()
+                if signal_after and self.step == signal_after:
+                    os.kill(os.getpid(), signal.SIGTERM)  # the real signal, as a scheduler sends it
+                # 3. evaluate every eval.every steps and at the end
+                last = self.step == cfg.steps
+                ev = None
+                if self.step % cfg.eval.every == 0 or last:
+                    ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last, final=last)
+                self.record(metrics, ev)
+                bar.update(1)
+                bar.set_postfix({"reward": f"{metrics.get('reward_mean', float('nan')):.4f}"}, refresh=False)
+                # 4. checkpoint every checkpoint_every steps and at the end
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.checkpoint()
+                if crash_after and self.step == crash_after:
+                    os._exit(137)
+        finally:
+            bar.close()  # before any error line, so that line starts a line of its own
+        return self.finish()  # a signal after the last step: finishing takes seconds, so the run completes
+
+    def interrupt(self) -> None:
+        """Checkpoint where the loop stands (unless it just did) and stop: the manifest says interrupted."""
+        if self.checkpointed_step != self.step:
+            self.checkpoint()
+        self.folder.update_manifest(status="interrupted", interrupted={"signal": self.signalled, "step": self.step,
+                                                                       "time": now()})
+        raise Interrupted(f"{self.signalled} at step {self.step}: checkpointed; continue with 'bench run --resume "
+                          f"{self.folder.path}'")
 
     def finish(self) -> dict:
         cfg, folder = self.cfg, self.folder
@@ -222,38 +289,46 @@ def new_run_dir(cfg: Config, root: str | None = None) -> str:
     return path
 
 
-def start(cfg: Config, run_dir: str | None = None) -> tuple[str, dict]:
-    """A new run of a resolved config: everything is loaded and checked before the run folder is created."""
+def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tuple[str, dict]:
+    """A new run of a resolved config: everything is loaded and checked before the run folder is created.
+    ``locked``: the caller already holds the folder's writer lock (a sweep)."""
     run_dir = run_dir or new_run_dir(cfg)
     folder = RunFolder(run_dir)
     if folder.holds_run():
         raise BenchError(f"run folder {run_dir!r} already holds a run; accepted: a new folder, or "
                          f"'bench run --resume {run_dir}' to continue it")
     run = Run(cfg, folder)
-    os.makedirs(run_dir, exist_ok=True)
-    folder.write_config(cfg)
-    folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
-                           device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
-                           git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
-                           reward=cfg.reward, argv=sys.argv, host=platform.node())
-    summary = run.train()
+    with contextlib.nullcontext() if locked else folder.lock(warn):
+        if folder.holds_run():  # another writer started it while this one was building
+            raise AlreadyStarted(f"run folder {run_dir!r} already holds a run; accepted: a new folder, or "
+                                 f"'bench run --resume {run_dir}' to continue it")
+        folder.write_config(cfg)
+        folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
+                               device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
+                               git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
+                               reward=cfg.reward, argv=sys.argv, host=platform.node())
+        summary = run.train()
     return run_dir, companion(run_dir, cfg, summary)
 
 
-def resume(run_dir: str) -> tuple[str, dict]:
-    """Continue a run from its last checkpoint (a complete run returns its summary)."""
+def resume(run_dir: str, locked: bool = False) -> tuple[str, dict]:
+    """Continue a run from its last checkpoint (a complete run returns its summary).  ``locked``: the caller
+    already holds the folder's writer lock (a sweep)."""
     folder = RunFolder(run_dir)
     if not os.path.isfile(folder.config_path):
         raise BenchError(f"cannot resume {run_dir!r}: no config.yaml there; accepted: a run folder under results/")
     run = Run(Config(folder.read_config()), folder)
-    manifest = folder.read_manifest()
-    if manifest.get("status") == "complete":
-        return run_dir, companion(run_dir, run.cfg, folder.read_summary())
-    resumed = os.path.isfile(folder.checkpoint_path)
-    if resumed:
-        run.restore()
-    folder.update_manifest(resumes=manifest.get("resumes", []) + [{"time": now(), "from_step": run.step}])
-    summary = run.train(resumed=resumed)
+    with contextlib.nullcontext() if locked else folder.lock(warn):
+        manifest = folder.read_manifest()
+        if manifest.get("status") == "complete":
+            summary = folder.read_summary()
+        else:
+            resumed = folder.has_checkpoint()
+            if resumed:
+                run.restore()
+            folder.update_manifest(status="running", resumes=manifest.get("resumes", []) + [
+                {"time": now(), "from_step": run.step}])
+            summary = run.train(resumed=resumed)
     return run_dir, companion(run_dir, run.cfg, summary)
 
 

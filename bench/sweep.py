@@ -15,7 +15,9 @@ So running a sweep again
   last checkpoint, and
 - starts the runs that have no folder yet,
 
-which makes an interrupted sweep continue where it stopped.  A ``--set`` override whose first key is
+which makes an interrupted sweep continue where it stopped.  Each run is taken under its folder's writer lock
+(``RunFolder.lock``): a run that another process is writing is skipped ("being run by process N"), so two sweep
+drivers on one folder share the work and no run is run twice.  A ``--set`` override whose first key is
 another method's section (``alignprop.lr=...`` in a sweep that also runs ``ddpo``) applies to that
 method only.  ``<root>/sweep.json`` lists the sweep's runs and their status (what ``bench compare``,
 ``table`` and ``report`` read when given the sweep folder).
@@ -34,7 +36,7 @@ from bench import run
 from bench.config import identity, resolve
 from diffalign import store
 from diffalign.errors import BenchError
-from diffalign.store import RunFolder, safe_name
+from diffalign.store import FolderBusy, RunFolder, safe_name
 from methods import METHODS, method_module
 
 SWEEP_CRASH_RUN_ENV = "DIFFALIGN_SWEEP_CRASH_RUN"  # tests: the harness's crash env applies to this run only (1-based)
@@ -139,19 +141,23 @@ def run_sweep(runs: list[PlannedRun], root: str, log=print) -> dict[str, str]:
             else:
                 os.environ.pop(run.CRASH_ENV, None)
         what = f"[{i}/{len(runs)}] {r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)})"
-        state = status_of(r.run_dir)
+        folder = RunFolder(r.run_dir)
         try:
-            if state == "complete":
-                log(f"{what}: complete, skipped")
+            with folder.lock(run.warn):  # this driver's run now; another driver skips it
+                state = status_of(r.run_dir)
+                if state == "complete":
+                    log(f"{what}: complete, skipped")
+                    outcome[r.run_id] = "complete"
+                    continue
+                if state == "interrupted":
+                    log(f"{what}: interrupted, resuming")
+                    run.resume(r.run_dir, locked=True)
+                else:
+                    log(f"{what}: running")
+                    run.start(r.cfg, r.run_dir, locked=True)
                 outcome[r.run_id] = "complete"
-                continue
-            if state == "interrupted":
-                log(f"{what}: interrupted, resuming")
-                run.resume(r.run_dir)
-            else:
-                log(f"{what}: running")
-                run.start(r.cfg, r.run_dir)
-            outcome[r.run_id] = "complete"
+        except FolderBusy as e:
+            log(f"{what}: being run by another process, skipped ({e})")
         except BenchError as e:  # e.g. a method that needs a differentiable reward: this run only
             log(f"{what}: refused: {e}")
             outcome[r.run_id] = f"refused: {e}"
@@ -198,10 +204,11 @@ def main(args) -> int:
         raise BenchError(f"seeds {seeds!r}; accepted: integers") from None
     runs = plan(methods, seeds, rewards, overrides, root, spec.get("variants"))
     outcome = run_sweep(runs, root)
-    done = sum(v == "complete" for v in outcome.values())
-    refused = [k for k, v in outcome.items() if v != "complete"]
-    print(f"sweep: {done}/{len(runs)} runs complete in {root}" + (f"; {len(refused)} refused" if refused else ""),
-          file=sys.stdout)
-    if done == 0:
+    done = sum(status_of(r.run_dir) == "complete" for r in runs)
+    refused = [k for k, v in outcome.items() if v.startswith("refused")]
+    elsewhere = len(runs) - done - len(refused)
+    print(f"sweep: {done}/{len(runs)} runs complete in {root}" + (f"; {len(refused)} refused" if refused else "")
+          + (f"; {elsewhere} being run by another process" if elsewhere else ""), file=sys.stdout)
+    if done == 0 and not elsewhere:
         raise BenchError(f"every run of the sweep was refused (see the lines above); nothing was run in {root}")
     return 0

@@ -12,9 +12,13 @@ A run folder holds (``RunFolder`` names every file; nothing else spells these na
     grids/step_NNNNNN.png  samples on the fixed eval prompts and seeds (start, intervals, end)
     grids/start_vs_end.png the first and the last grid side by side
     checkpoint.pt          LoRA + method state + RNG state + cost counters + metrics, for ``bench run --resume``
+    checkpoint.prev.pt     the checkpoint before it, kept until the new one is whole on disk (the fallback)
     lora/                  the final adapter: pytorch_lora_weights.safetensors (keys ``unet.<peft key>``)
-                           + adapter_config.json
+                           + adapter_config.json (full fine-tuning: the UNet as diffusers saves it)
     summary.json           eval reward and fidelity before -> after, the gain in standard errors, time, memory
+    fd_nfe.csv/.md/.png    the Frechet distance against NFE (runs that have ``fd`` in ``eval.metrics``)
+    baseline/              a companion run's folder (OGDM's gamma = 0 baseline), of the same form
+    .lock                  the writing process's lock (``fcntl``) and its pid: one writer per folder
 
 Atomic means: a file is written to a temporary name in the same folder, flushed, fsynced and then
 renamed over its target (``os.replace``), so a reader (or a killed run) sees the old file or the new
@@ -23,6 +27,7 @@ one, never half of one.  Folders are built under a temporary name and swapped in
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -33,6 +38,12 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 import yaml
+
+from diffalign.errors import BenchError
+
+
+class FolderBusy(BenchError):
+    """Another process holds the run folder's writer lock."""
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = "results"  # relative to the working directory: runs land where the user runs them
@@ -59,7 +70,8 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def _write_temp(path: str, data: bytes) -> str:
+    """``data`` written and fsynced under a temporary name beside ``path``; returns that name."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
@@ -69,11 +81,52 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)
+
+
+def damaged(path: str, e: BaseException, accepted: str) -> BenchError:
+    """The one-line error of a file that cannot be read."""
+    return BenchError(f"{path!r} is damaged ({type(e).__name__}: {_first_line(e)}); accepted: {accepted}")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(path, e, "a JSON object written by 'bench run'") from None
 
 
 def atomic_write_with(path: str, writer: Callable[[io.BytesIO], object]) -> None:
@@ -135,6 +188,8 @@ class RunFolder:
     CURVE = "reward_curve.png"
     GRIDS = "grids"
     CHECKPOINT = "checkpoint.pt"
+    LOCK = ".lock"                 # the writing process's OS lock (fcntl) and its pid
+    PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the one before, kept until the new one is whole on disk
     LORA = "lora"
     SUMMARY = "summary.json"
 
@@ -190,6 +245,54 @@ class RunFolder:
         """A folder with a config and a metrics table: what the comparison tools can read."""
         return os.path.isfile(self.config_path) and os.path.isfile(self.metrics_path)
 
+    @contextlib.contextmanager
+    def lock(self, warn=None) -> Iterator[None]:
+        """Hold the folder's writer lock (``fcntl.flock`` on ``.lock``, which also holds the holder's pid) for the
+        duration.  A second writer gets one error line naming the holder's pid.  The OS releases the lock when
+        its holder dies, so a lock file left by a killed process is stale: it is taken over, with one warning
+        line through ``warn``."""
+        os.makedirs(self.path, exist_ok=True)
+        path = self.file(self.LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise FolderBusy(f"run folder {self.path!r} is being written by process {holder} (it holds "
+                                 f"{self.LOCK}); accepted: one writer per run folder: wait for it to end, then "
+                                 "resume") from None
+            previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            if previous and previous != str(os.getpid()) and warn is not None:
+                warn(f"warning: run folder {self.path!r}: took over the lock left by process {previous}, which no "
+                     "longer holds it")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.fsync(fd)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # released cleanly: no holder's pid left behind
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def locked_by(self) -> str | None:
+        """The pid of the process that holds the writer lock now, or None (a probe: nothing is taken)."""
+        path = self.file(self.LOCK)
+        if not os.path.isfile(path):
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def holds_run(self) -> bool:
         """A run was started here (its manifest exists)."""
         return os.path.isfile(self.manifest_path)
@@ -202,8 +305,14 @@ class RunFolder:
 
     # ---- readers and writers -------------------------------------------------------------------------
     def read_config(self) -> dict:
-        with open(self.config_path) as f:
-            return yaml.safe_load(f)
+        try:
+            with open(self.config_path) as f:
+                cfg = yaml.safe_load(f)
+            if not isinstance(cfg, dict):
+                raise ValueError("not a mapping")
+            return cfg
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+            raise damaged(self.config_path, e, "a config.yaml written by 'bench run'") from None
 
     def write_config(self, cfg: dict) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None))
@@ -211,14 +320,19 @@ class RunFolder:
     def read_manifest(self) -> dict:
         if not os.path.isfile(self.manifest_path):
             return {}
-        with open(self.manifest_path) as f:
-            return json.load(f)
+        return _read_json(self.manifest_path)
 
     def update_manifest(self, **fields) -> None:
         atomic_write_json(self.manifest_path, {**self.read_manifest(), **fields})
 
     def read_metrics(self) -> pd.DataFrame:
-        return pd.read_parquet(self.metrics_path)
+        try:
+            df = pd.read_parquet(self.metrics_path)
+        except Exception as e:  # pyarrow's errors of a truncated or foreign file
+            raise damaged(self.metrics_path, e, "a metrics table written by 'bench run'") from None
+        if "step" not in df:
+            raise damaged(self.metrics_path, ValueError("no step column"), "a metrics table written by 'bench run'")
+        return df
 
     def write_metrics(self, df: pd.DataFrame) -> None:
         write_table(df, self.file(self.METRICS))
@@ -230,14 +344,53 @@ class RunFolder:
         path = self.file(self.SUMMARY)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        return _read_json(path)
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.file(self.SUMMARY), summary)
 
-    def read_checkpoint(self) -> dict:
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+    @property
+    def previous_checkpoint_path(self) -> str:
+        return self.file(self.PREVIOUS_CHECKPOINT)
+
+    def has_checkpoint(self) -> bool:
+        return os.path.isfile(self.checkpoint_path) or os.path.isfile(self.previous_checkpoint_path)
+
+    def read_checkpoint(self, required: tuple[str, ...] = (), warn=None) -> dict:
+        """The last checkpoint; if it is damaged (truncated, foreign, missing ``required`` keys), the previous one,
+        with one warning line through ``warn``; if neither is usable, one error line naming the files."""
+        problems = []
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if not os.path.isfile(path):
+                problems.append(f"{os.path.basename(path)}: missing")
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                missing = [k for k in required if not isinstance(state, dict) or k not in state]
+                if missing:
+                    raise ValueError(f"lacks {', '.join(missing)}")
+            except Exception as e:  # torch's zip reader, pickle, our own check
+                problems.append(f"{os.path.basename(path)}: {_first_line(e)}")
+                continue
+            if problems and warn is not None:
+                warn(f"warning: {self.checkpoint_path!r} is damaged ({problems[0]}); resuming from "
+                     f"{os.path.basename(path)} (step {state.get('step')})")
+            return state
+        raise BenchError(f"run folder {self.path!r} has no usable checkpoint ({'; '.join(problems)}); accepted: "
+                         "a run folder whose checkpoint.pt or checkpoint.prev.pt is intact")
 
     def write_checkpoint(self, state: dict) -> None:
-        atomic_write_with(self.checkpoint_path, lambda b: torch.save(state, b))
+        """Rotate: the new checkpoint is written and fsynced under a temporary name, then the current one becomes
+        checkpoint.prev.pt and the new one checkpoint.pt; a crash anywhere leaves at least one whole checkpoint."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        tmp = _write_temp(self.checkpoint_path, buf.getvalue())
+        try:
+            if os.path.isfile(self.checkpoint_path):
+                os.replace(self.checkpoint_path, self.previous_checkpoint_path)
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path)

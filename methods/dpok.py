@@ -114,7 +114,7 @@ class Method:
             ch = ctx.pipe.latent_shape[0]
             text_dim = ctx.pipe.text_encoder.config.hidden_size
             self.value = ValueNet(ch, text_dim).to(ctx.pipe.device)
-            self.v_opt = torch.optim.AdamW(self.value.parameters(), lr=c.v_lr)
+            self.v_opt = ctx.guard(torch.optim.AdamW(self.value.parameters(), lr=c.v_lr))
 
     def add_to_buffer(self, traj, rewards: torch.Tensor) -> None:
         B, T = traj.log_probs.shape
@@ -140,7 +140,7 @@ class Method:
             pred = self.value(*self._value_inputs(idx))
             loss = ((pred - self.buffer["reward"][idx].to(pred.device)) ** 2).mean()
             self.v_opt.zero_grad()
-            loss.backward()
+            self.ctx.backward(loss)
             self.v_opt.step()
         return float(loss.detach())
 

@@ -105,8 +105,8 @@ class Method:
                 torch.manual_seed(ctx.cfg.seed)
                 self.disc = Discriminator(pipe.unet.config.in_channels, c.d_channels, c.d_blocks, text_dim,
                                           pipe.scheduler.config.num_train_timesteps).to(pipe.device)
-            self.d_opt = ctx.accelerator.prepare(torch.optim.AdamW(
-                self.disc.parameters(), lr=c.d_lr, betas=tuple(c.adam_betas), eps=c.adam_eps, weight_decay=0.0))
+            self.d_opt = ctx.guard(torch.optim.AdamW(self.disc.parameters(), lr=c.d_lr, betas=tuple(c.adam_betas),
+                                                     eps=c.adam_eps, weight_decay=0.0))
             self.s_gen = torch.Generator().manual_seed(ctx.cfg.seed + 15_485_863)  # the look-ahead's own stream
 
     def step(self) -> dict:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 
 from bench.outputs.plots import pyplot, read_grid_cells, side_by_side_image
 from diffalign.errors import BenchError
-from diffalign.store import RESULTS_ROOT, RunFolder, atomic_write_with, safe_name, save_figure
+from diffalign.store import RESULTS_ROOT, RunFolder, atomic_write_with, damaged, safe_name, save_figure
 from prompts import load_prompts
 
 X_AXES = ("step", "images", "reward_queries", "unet_passes", "unet_fwd", "unet_bwd", "wall_time")
@@ -75,8 +76,12 @@ class RunData:
         df = folder.read_metrics()
         if "unet_fwd" in df and "unet_bwd" in df:
             df["unet_passes"] = df["unet_fwd"] + df["unet_bwd"]
-        if "win_rate" not in df and os.path.isfile(folder.file(RunFolder.EVAL_SAMPLES + ".parquet")):
-            df = with_win_rate(df, pd.read_parquet(folder.file(RunFolder.EVAL_SAMPLES + ".parquet")))
+        samples = folder.file(RunFolder.EVAL_SAMPLES + ".parquet")
+        if "win_rate" not in df and os.path.isfile(samples):
+            try:
+                df = with_win_rate(df, pd.read_parquet(samples))
+            except Exception as e:  # pyarrow's errors of a damaged file
+                raise damaged(samples, e, "an eval-samples table written by 'bench run'") from None
         return cls(path, folder.read_config(), df, folder.read_manifest(), folder.read_summary())
 
 
@@ -126,7 +131,15 @@ def find_run_dirs(paths: list[str]) -> list[str]:
 def select_runs(paths: list[str], methods: list[str] | None = None, rewards: list[str] | None = None,
                 tags: list[str] | None = None, complete_only: bool = True) -> list[RunData]:
     """The runs under ``paths`` that match every filter given (a filter left out matches all)."""
-    runs = [RunData.read(d) for d in find_run_dirs(paths or [os.path.join(RESULTS_ROOT, "runs")])]
+    runs, where = [], paths or [os.path.join(RESULTS_ROOT, "runs")]
+    for d in find_run_dirs(where):
+        try:
+            runs.append(RunData.read(d))
+        except BenchError as e:  # a damaged file: this run is left out, with one line saying which and why
+            print(f"skipped run {d!r}: {e}", file=sys.stderr)
+    if not runs:
+        raise BenchError(f"no readable run under {where} (see the lines above); accepted: folders written by "
+                         "'bench run'")
     kept = [r for r in runs
             if (not methods or r.method in methods) and (not rewards or r.reward in rewards)
             and (not tags or str(r.cfg.get("tag", "")) in tags) and (r.complete or not complete_only)]

@@ -14,12 +14,18 @@ images (``ogdm.data``: the tiny world's renderer by default, a folder or a parqu
         s ~ U{0..min(floor(k T), t)}                                     (the look-ahead, its own random stream)
         eps_hat = eps_theta(x_t, t, c)                                   (one UNet call, with gradients)
         L_DM = mean ||eps_hat - eps||^2                                  (v-prediction models: their target)
-        fake = DDIM(x0_hat(x_t, eps_hat), eps_hat -> t - s)              (the model's projection, with gradients)
+        fake = DDIM(clip(x0_hat(x_t, eps_hat)), eps_hat -> t - s)        (the model's projection, with gradients)
         real = DDIM(x_0, eps(x_t, x_0) -> t - s) = q(x_{t-s} | x_0, eps) (the same noise, no gradients)
         L_G  = L_DM + gamma * l_G(D(fake; t, t - s, c))                  l_G: hinge -D, or logistic softplus(-D)
         theta <- AdamW(theta, clip(grad L_G))                            (LoRA, or every weight: finetune=full)
         L_D  = relu(1 - D(real)) + relu(1 + D(fake.detach())) + r1_weight ||grad_real D(real)||^2
         phi  <- AdamW(phi, grad L_D)                                     (D stepped after G, on the same batch)
+
+The fake is the DDIM step exactly as the sampler takes it, so x0_hat is clipped to the scheduler's range when its
+config says ``clip_sample`` (the tiny world's and ADM's samplers do).  Without the clip, at the top of a cosine
+schedule (a_t = 2.4e-9 at t = 999) x0_hat amplifies the noise prediction about 20,000-fold, and the adversarial
+gradient through those projections dominated and spiked (gradient norm up to 0.77 against a median of 0.004), which
+worsened FD on two of three seeds (docs/methods/ogdm.md).
 
 D (``diffalign/adversarial.py``) is a small ResNet on the model's x (pixels, or a latent model's latents),
 conditioned by projection on (t, t - s) and on the caption's pooled text embedding (the mean over tokens of the
@@ -132,6 +138,8 @@ class Method:
             s = torch.floor(torch.rand(len(t), generator=self.s_gen) * (torch.clamp(t, max=int(c.k * T)) + 1)).long()
             t_to = t - s
             x0_hat, eps_hat = x0_and_eps(sched, out, t, x_t)
+            if sched.config.clip_sample:  # the sampler's own DDIM step clips x0_hat (diffalign.ddim.ddim_step, 3.)
+                x0_hat = x0_hat.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
             fake = project(sched, x0_hat, eps_hat, t_to)
             with torch.no_grad():
                 real = project(sched, x0, noise_of(sched, x_t, x0, t), t_to)

@@ -31,12 +31,13 @@ from bench.quality import FD_METRIC, FrechetVsNFE
 from bench.tinyworld.judge import load_judge
 from diffalign import world
 from diffalign.errors import BenchError
-from diffalign.sampling import initial_noise, kl_to_base, sample
+from diffalign.sampling import embed, initial_noise, kl_to_base, sample
 from diffalign.store import project_path
 from prompts import load_prompts
 from rewards import get_reward
 
 KL_SEED = 4242  # the step noise of the KL-to-base trajectories, the same at every evaluation
+EVAL_BATCH = 64  # images per sampler call at most (whole prompts): the tiny world's 8 x 8 in one call
 
 
 @dataclasses.dataclass
@@ -55,6 +56,7 @@ class Evaluator:
         self.heldout = {spec: get_reward(spec) for spec in cfg.eval.metrics if spec not in (cfg.reward, FD_METRIC)}
         self.prompts = load_prompts(cfg.eval_prompts)
         self.quality = FrechetVsNFE(cfg, self.prompts) if FD_METRIC in cfg.eval.metrics else None
+        self._embeddings: dict = {}
         self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
         if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
             for p in self.prompts:
@@ -73,19 +75,42 @@ class Evaluator:
         return self
 
     @torch.no_grad()
-    def __call__(self, pipe, step: int, base_rewards: list[float] | None = None, final: bool = False) -> Evaluation:
-        """Evaluate the current model; ``base_rewards``: the step-0 evaluation's per-image rewards (win rate);
-        ``final``: the run's last evaluation (the Frechet distances are computed at the first and the last)."""
-        ec, device = self.cfg.eval, pipe.device
-        # 1. the fixed eval noise: seed s for the s-th image of every prompt
-        noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
-        # 2. the deterministic eval sampler, one batch per prompt (its seeds)
-        images, prompts = [], []
-        for p in self.prompts:
-            traj = sample(pipe, [p] * ec.num_seeds, noise, ec.num_steps, ec.guidance, eta=0.0)
+    def embeddings(self, pipe, guidance: float | None = None) -> tuple:
+        """The eval prompts' (cond, uncond) text embeddings, one row per prompt, computed once per guidance."""
+        g = self.cfg.eval.guidance if guidance is None else guidance
+        if g not in self._embeddings:
+            self._embeddings[g] = embed(pipe, self.prompts, g)
+        return self._embeddings[g]
+
+    def sample_prompts(self, pipe, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """Every eval prompt x every seed's noise with the eval sampler (DDIM, eta = 0, ``eval.guidance``) at
+        ``num_steps``: images in [0, 1] on the CPU, prompt-major; in calls of at most ``EVAL_BATCH`` images (whole
+        prompts).  The same images, bit for bit, as one call per prompt (tests/bench/test_eval_identity.py)."""
+        ec = self.cfg.eval
+        cond, uncond = self.embeddings(pipe)
+        seeds = len(noise)
+        per_call = max(1, EVAL_BATCH // seeds)
+        images = []
+        for i in range(0, len(self.prompts), per_call):
+            n = len(self.prompts[i:i + per_call])
+            emb = (cond[i:i + n].repeat_interleave(seeds, 0),
+                   uncond[i:i + n].repeat_interleave(seeds, 0) if uncond is not None else None)
+            rows = [p for p in self.prompts[i:i + n] for _ in range(seeds)]
+            traj = sample(pipe, rows, noise.repeat(n, 1, 1, 1), num_steps, ec.guidance, eta=0.0, embeddings=emb)
             images.append(traj.images.float().cpu())
-            prompts += [p] * ec.num_seeds
-        images = torch.cat(images)
+        return torch.cat(images)
+
+    def __call__(self, pipe, step: int, base_rewards: list[float] | None = None, final: bool = False,
+                 base_model_itself: bool = False) -> Evaluation:
+        """Evaluate the current model; ``base_rewards``: the step-0 evaluation's per-image rewards (win rate);
+        ``final``: the run's last evaluation (the Frechet distances are computed at the first and the last);
+        ``base_model_itself``: the model is the base model (step 0), so its KL to the base model is 0."""
+        ec, device = self.cfg.eval, pipe.device
+        # 1. the fixed eval noise: seed s for the s-th image of every prompt; the prompts' text embeddings (once)
+        noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
+        # 2. the deterministic eval sampler, every prompt x seed at once (prompt-major)
+        images = self.sample_prompts(pipe, noise, ec.num_steps)
+        prompts = [p for p in self.prompts for _ in range(ec.num_seeds)]
         on_device = images.to(device)
         # 3. the training reward, then every held-out metric, on the same images
         r = self.reward(on_device, prompts).float().cpu().numpy()
@@ -111,16 +136,23 @@ class Evaluator:
             fid = self.judge.fidelity(images, prompts)
             out["fidelity"] = float(fid["all"].mean())
             out.update({f"fidelity_{k}": float(v.mean()) for k, v in fid.items() if k != "all"})
-        # 5. the KL to the base model along the training sampler's trajectories (eta = 1)
-        if ec.kl_seeds:
-            kl_noise = noise[: ec.kl_seeds]
-            kls = [kl_to_base(pipe, [p] * len(kl_noise), kl_noise, self.cfg.sampler.num_steps,
-                              self.cfg.sampler.guidance, 1.0, torch.Generator().manual_seed(KL_SEED))
-                   for p in self.prompts]
+        # 5. the KL to the base model along the training sampler's trajectories (eta = 1); the base model itself
+        #    (step 0) is at KL 0 exactly.  One call per prompt: batching them changes the KL in its 6th digit (the
+        #    last step's small sigma magnifies the kernels' batch-size rounding), so it stays as recorded.
+        if ec.kl_seeds and base_model_itself:
+            out["kl_to_base"] = 0.0
+        elif ec.kl_seeds:
+            k, sg = ec.kl_seeds, self.cfg.sampler.guidance
+            kc, ku = self.embeddings(pipe, sg)
+            kls = [kl_to_base(pipe, [p] * k, noise[:k], self.cfg.sampler.num_steps, sg, 1.0,
+                              torch.Generator().manual_seed(KL_SEED),
+                              embeddings=(kc[i:i + 1].expand(k, -1, -1), ku[i:i + 1].expand(k, -1, -1)
+                                          if ku is not None else None))
+                   for i, p in enumerate(self.prompts)]
             out["kl_to_base"] = float(torch.cat(kls).mean())
         # 6. sample quality against NFE: the Frechet distance to real images
         if self.quality is not None and self.quality.due(step, final):
-            out.update(self.quality(pipe, noise, images))
+            out.update(self.quality(pipe, lambda n: self.sample_prompts(pipe, noise, n), images))
         return Evaluation(out, samples, images, prompts)
 
     def summary(self, first: dict, last: dict, samples: list[dict], step: int) -> dict:

@@ -35,7 +35,6 @@ from diffalign import frechet, world
 from diffalign.errors import BenchError
 from diffalign.images import image_size
 from diffalign.realdata import TINY_WORLD, load_real_data
-from diffalign.sampling import sample
 
 FD_METRIC = "fd"  # its name in eval.metrics
 FEATURES = ("auto", "tiny-clip", "inception")
@@ -170,15 +169,11 @@ class FrechetVsNFE:
         return self._real
 
     @torch.no_grad()
-    def __call__(self, pipe, noise: torch.Tensor, eval_images: torch.Tensor) -> dict:
-        """{fd_nfe<N>: FD} for the current model; ``noise`` the eval seeds' initial noise, ``eval_images`` the eval's
-        own samples (prompt-major), reused at NFE = eval.num_steps."""
+    def __call__(self, pipe, sample_at, eval_images: torch.Tensor) -> dict:
+        """{fd_nfe<N>: FD} for the current model; ``sample_at(n)`` the eval prompts x seeds sampled with the eval
+        sampler at n steps, ``eval_images`` the eval's own samples (prompt-major), reused at NFE = eval.num_steps."""
         ec, out, real = self.cfg.eval, {}, self.real_stats(pipe)
         for n in self.nfe:
-            if n == ec.num_steps:
-                images = eval_images
-            else:
-                images = torch.cat([sample(pipe, [p] * len(noise), noise, n, ec.guidance, eta=0.0).images.float().cpu()
-                                    for p in self.prompts])
+            images = eval_images if n == ec.num_steps else sample_at(n)
             out[column(n)] = frechet.frechet_distance(frechet.Stats.of(features_of(self.extract, images)), real)
         return out

@@ -179,7 +179,7 @@ class Run:
         if hit is not None:
             self.eval0_source = f"cache {key}"
             return Evaluation(hit["metrics"], hit["samples"], hit["images"].float() / 255, hit["prompts"])
-        ev = self.evaluator(self.ctx.pipe, 0, None, final=False)
+        ev = self.evaluator(self.ctx.pipe, 0, None, final=False, base_model_itself=True)
         u8 = (ev.images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # what the grids store
         evalcache.save(key, {"metrics": ev.metrics, "samples": ev.samples, "images": u8, "prompts": ev.prompts})
         return ev

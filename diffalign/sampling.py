@@ -99,9 +99,10 @@ class Trajectory:
 @torch.no_grad()
 def sample(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, eta: float,
            generator: torch.Generator | None = None, costs: Costs | None = None,
-           reduction: str = "mean") -> Trajectory:
-    """Sample without gradients, keeping every latent and each step's log-prob."""
-    cond, uncond = embed(pipe, prompts, guidance)
+           reduction: str = "mean", embeddings: tuple | None = None) -> Trajectory:
+    """Sample without gradients, keeping every latent and each step's log-prob.  ``embeddings``: the prompts'
+    (cond, uncond) text embeddings when the caller already has them (``embed``)."""
+    cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
     timesteps = set_timesteps(pipe.scheduler, num_steps)
     x = x_T * pipe.scheduler.init_noise_sigma
     latents, log_probs = [x], []
@@ -149,11 +150,12 @@ def sample_with_grad(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int
 
 @torch.no_grad()
 def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, eta: float,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator, embeddings: tuple | None = None) -> torch.Tensor:
     """Sum over steps of KL(p_theta(x_{t-1}|x_t) || p_base(x_{t-1}|x_t)) along trajectories of the LoRA
     policy (eta > 0), the base being the same UNet with its adapter off; per sample, in nats (element
-    sum).  By the chain rule this bounds the KL between the two models' final-image distributions."""
-    cond, uncond = embed(pipe, prompts, guidance)
+    sum).  By the chain rule this bounds the KL between the two models' final-image distributions.
+    ``embeddings``: the prompts' (cond, uncond) when the caller already has them."""
+    cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
     x = x_T * pipe.scheduler.init_noise_sigma
     total = torch.zeros(x.shape[0], dtype=torch.float64)
     for t in set_timesteps(pipe.scheduler, num_steps):

@@ -15,7 +15,7 @@ SEEDS  ?= 0 1 2
 SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
-.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines
+.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf
 .PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
 
 setup: $(STAMP)
@@ -83,6 +83,11 @@ paper: $(STAMP)
 		--x step --out $(OUT)/ddpo_vs_dpok_kl.png --title "DDPO vs DPOK: eval reward and KL to the base model"
 	$(PY) -m bench table $(SWEEP) --out $(OUT)/table
 	$(PY) -m bench report $(SWEEP) --out $(OUT)/report.html
+
+# Where one optimizer step's time goes against its UNet-pass floor, per method, and how cost grows with the work
+# (bench/perf.py; one process per measurement): docs/perf.json, docs/perf.md, docs/perf/*.png.  About 15 minutes.
+perf: $(STAMP)
+	$(PY) -m bench.perf --out docs
 
 # CI regression of reward curves against results/baselines/ (what .ci/run does after the tests).
 regress: $(STAMP)

@@ -1,0 +1,22 @@
+"""make perf (bench/perf.py) on the small pipeline, so it cannot rot: the parts add up to the step, the floor counts
+the passes the method made, and the timing wrappers leave nothing behind."""
+from conftest import small_run_args
+
+from bench import perf
+from bench.context import GuardedOptimizer
+
+
+def test_one_measurement_adds_up_and_counts_the_methods_passes(small_pixel_pipeline_dir, tmp_path):
+    step_before = GuardedOptimizer.step
+    args = small_run_args(small_pixel_pipeline_dir, tmp_path) + ["reward=saturation", "alignprop.batch_size=2",
+                                                                 "eval.metrics=[tiny-clip]"]
+    r = perf.measure("alignprop", args, steps=2)
+    assert GuardedOptimizer.step is step_before  # the class-level wrapper is undone
+    parts = r["parts_s"]
+    assert set(parts) == set(perf.PARTS) and all(v >= 0 for v in parts.values())
+    assert abs(sum(parts.values()) - r["step_s"]) < 1e-6 or parts["other"] == 0
+    assert r["unet_fwd_per_step"] == 2 * 2 * 2  # 2 DDIM steps x batch 2 x CFG
+    assert r["unet_call_batch"] == 4 and r["floor_s"] > 0 and r["ratio"] > 0.5
+    assert r["images_per_step"] == 2 and r["peak_mem_mb"] > 0
+    md = perf.markdown({"date": "today", "machine": "m", "threads": 2, "steps": 2, "methods": [r], "scaling": {}})
+    assert "| alignprop | tiny world |" not in md and "| alignprop |" in md  # a random small pixel pipeline

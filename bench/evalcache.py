@@ -22,8 +22,10 @@ the cache off; ``DIFFALIGN_EVAL_CACHE=<folder>`` puts it elsewhere.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
 
 import torch
 
@@ -82,9 +84,6 @@ def code_hash() -> str:
 
 def _plugin_sources(specs: list[str]) -> dict[str, str]:
     """The source hash of every plug-in reward (``package.module:Class``) among the specs: its code is the eval's."""
-    import importlib.util
-    import re
-
     out = {}
     for spec in specs:
         for part in str(spec).split(","):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from diffalign import frechet, world
@@ -120,8 +121,6 @@ def features_of(extract, images: torch.Tensor) -> torch.Tensor:
 def real_images(spec: str, prompts: list[str], per_prompt: int, size: int) -> torch.Tensor:
     """The reference set: ``per_prompt`` renders of every caption (tiny world), or a whole real-data source."""
     if spec == TINY_WORLD:
-        import numpy as np
-
         rng = np.random.default_rng(REAL_SEED)
         arrays = [world.render(world.scene_from_caption(p, rng), rng) for p in prompts for _ in range(per_prompt)]
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()).float()

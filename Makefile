@@ -15,7 +15,7 @@ SEEDS  ?= 0 1 2
 SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
-.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf
+.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check
 .PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
 
 setup: $(STAMP)
@@ -88,6 +88,13 @@ paper: $(STAMP)
 # (bench/perf.py; one process per measurement): docs/perf.json, docs/perf.md, docs/perf/*.png.  About 15 minutes.
 perf: $(STAMP)
 	$(PY) -m bench.perf --out docs
+
+# One GPU with an SD 1.5-sized random-weight model (bench/gpu_check.py): AlignProp K = 1 at batch 1/2/4, DDPO's
+# sampling and training at batch 8, the UNet's achieved FLOP/s, every method on the tiny world on CUDA:
+# docs/gpu_check.json and docs/gpu_check.md.  About 4 minutes on one H200; refuses with one line without a GPU
+# (its CPU tiny mode, python -m bench.gpu_check --tiny, runs in make test).
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check --out docs
 
 # CI regression of reward curves against results/baselines/ (what .ci/run does after the tests).
 regress: $(STAMP)

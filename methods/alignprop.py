@@ -151,7 +151,8 @@ class Method:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         r = torch.cat(rewards)
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "grad_norm": grad_norm,
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+                "grad_norm": grad_norm,
                 "grad_steps": sum(grad_steps) / len(grad_steps)}
 
     def state_dict(self) -> dict:

@@ -9,12 +9,23 @@
 
 Whatever the folder's scheduler, sampling uses a ``DDIMScheduler`` built from its config (that is
 what every method here is defined on).  All loaded weights are frozen; LoRA adds the trainable ones.
+
+SDXL-shaped folders (``text_encoder_2/`` and ``tokenizer_2/`` beside the others, a UNet with
+``addition_embed_type = "text_time"``) load through the same function and run through the same samplers and
+methods.  Their conditioning is what ``StableDiffusionXLPipeline`` builds: both encoders' penultimate hidden
+states concatenated (77 x 2048 for SDXL), the second encoder's pooled, projected embedding, and the added time ids
+(original size, crop corner, target size: the default (H, W, 0, 0, H, W)); the unconditional input is all zeros
+(``force_zeros_for_empty_prompt``, SDXL's default).  So that every sampler, method and stored trajectory keeps one
+conditioning tensor, ``encode_prompts`` packs the pooled embedding into one extra token at the end of the hidden
+states (``[pooled, 0, ...]``), and the UNet's ``forward`` (patched on the instance, nothing else changed) unpacks
+it into ``added_cond_kwargs``; the time ids are the pipeline's constant.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import types
 
 import torch
 from huggingface_hub import snapshot_download
@@ -23,7 +34,7 @@ from diffalign.errors import BenchError
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 LAYOUT = ("a diffusers text-to-image folder: model_index.json with unet/, text_encoder/, tokenizer/, "
-          "scheduler/ and optionally vae/")
+          "scheduler/ and optionally vae/ (SDXL: also text_encoder_2/ and tokenizer_2/)")
 
 
 @dataclasses.dataclass
@@ -34,6 +45,9 @@ class Pipeline:
     scheduler: object  # diffusers.DDIMScheduler
     vae: torch.nn.Module | None
     path: str
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: the second text encoder (with projection) ...
+    tokenizer_2: object = None                      # ... and its tokenizer
+    force_zeros_for_empty_prompt: bool = True       # SDXL: the empty (unconditional) prompt encodes as zeros
 
     @property
     def device(self) -> torch.device:
@@ -52,8 +66,17 @@ class Pipeline:
     def is_latent(self) -> bool:
         return self.vae is not None
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the conditioning tensor ``encode_prompts`` returns (the UNet's cross-attention width)."""
+        return self.unet.config.cross_attention_dim
+
     def to(self, device=None, dtype=None) -> "Pipeline":
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if m is not None:
                 same_dtype = dtype is None or next(m.parameters()).dtype == dtype
                 m.to(device=device) if same_dtype else m.to(device=device, dtype=dtype)
@@ -61,10 +84,29 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings exactly as StableDiffusionPipeline makes them (max-length padding)."""
+        """Text embeddings exactly as StableDiffusionPipeline makes them (max-length padding); for SDXL as
+        StableDiffusionXLPipeline does, with the pooled embedding packed as one extra token (module docstring)."""
+        if self.is_sdxl:
+            return self._encode_sdxl(list(prompts))
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
+
+    def _encode_sdxl(self, prompts: list[str]) -> torch.Tensor:
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # the projected, pooled output (CLIPTextModelWithProjection)
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        hidden = torch.cat(hidden, dim=-1)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return pack_pooled(hidden, pooled).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels) -> images in [0, 1]; differentiable, so rewards can backprop."""
@@ -74,6 +116,38 @@ class Pipeline:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         return (x / 2 + 0.5).clamp(0, 1)
+
+
+def pack_pooled(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) hidden states and (B, P) pooled embeddings, P <= D -> (B, L + 1, D): one extra token [pooled, 0]."""
+    extra = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    extra[:, 0, :pooled.shape[-1]] = pooled.to(hidden.dtype)
+    return torch.cat([hidden, extra], dim=1)
+
+
+def _sdxl_forward(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+    """The UNet's forward for packed SDXL conditioning (``pack_pooled``), bound to the instance by the loader."""
+    if added_cond_kwargs is None:
+        pooled = encoder_hidden_states[:, -1, :self.sdxl_pooled_dim]
+        time_ids = self.sdxl_time_ids.to(pooled.device, pooled.dtype).expand(pooled.shape[0], -1)
+        encoder_hidden_states = encoder_hidden_states[:, :-1]
+        added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
+    return type(self).forward(self, sample, timestep, encoder_hidden_states, *args,
+                              added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+
+def _make_sdxl_unet(unet, vae, path: str) -> None:
+    """Teach the UNet to read packed conditioning: its pooled width and the default added time ids."""
+    c = unet.config
+    pooled_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    if not 0 < pooled_dim <= c.cross_attention_dim:
+        raise BenchError(f"model folder {path!r}: an SDXL UNet whose pooled text width ({pooled_dim}) does not fit "
+                         f"its cross-attention width ({c.cross_attention_dim}); accepted: {LAYOUT}")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    size = c.sample_size * scale
+    unet.sdxl_pooled_dim = pooled_dim
+    unet.sdxl_time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    unet.forward = types.MethodType(_sdxl_forward, unet)
 
 
 def resolve_path(path_or_id: str) -> str:
@@ -136,9 +210,21 @@ def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: to
     vae = None
     if os.path.isdir(os.path.join(path, "vae")):
         vae = load("vae", lambda: diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae"))
+    sdxl = {}
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        if getattr(unet.config, "addition_embed_type", None) != "text_time":
+            raise BenchError(f"model folder {path!r} has text_encoder_2/ but its UNet takes no added text and time "
+                             f"embeddings (addition_embed_type 'text_time'); accepted: {LAYOUT}, or an SDXL folder")
+        sdxl = {"text_encoder_2": load("text_encoder_2", lambda: class_of(
+                    "text_encoder_2", transformers, "CLIPTextModelWithProjection")
+                    .from_pretrained(path, subfolder="text_encoder_2")),
+                "tokenizer_2": load("tokenizer_2", lambda: transformers.AutoTokenizer.from_pretrained(
+                    os.path.join(path, "tokenizer_2"))),
+                "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+        _make_sdxl_unet(unet, vae, path)
     pipe = Pipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
-                    path=path)
-    for m in (unet, text_encoder, vae):
+                    path=path, **sdxl)
+    for m in (unet, text_encoder, sdxl.get("text_encoder_2"), vae):
         if m is not None:
             m.requires_grad_(False)
             m.eval()

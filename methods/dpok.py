@@ -112,7 +112,7 @@ class Method:
         self.value = None
         if c.baseline == "value":
             ch = ctx.pipe.latent_shape[0]
-            text_dim = ctx.pipe.text_encoder.config.hidden_size
+            text_dim = ctx.pipe.text_dim
             self.value = ValueNet(ch, text_dim).to(ctx.pipe.device)
             self.v_opt = ctx.guard(torch.optim.AdamW(self.value.parameters(), lr=c.v_lr))
 

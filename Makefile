@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,ray]"
 	$(PY) -c "import bench, diffusers, transformers, peft, accelerate, open_clip, pandas"
 	touch $(STAMP)
 
@@ -44,9 +44,12 @@ lint: $(STAMP)
 
 # A grid of method x seed (x reward) into one sweep folder; finished runs are skipped, killed ones resumed.
 #   make sweep METHODS="alignprop ddpo" SEEDS="0 1 2" REWARD=saturation [SWEEP=results/sweeps/NAME] [ARGS="--set steps=10"]
+#   EXECUTOR=ray [ADDRESS=host:port]: each run a Ray task (a local instance, or the cluster at ADDRESS)
+EXECUTOR ?= local
+ADDRESS  ?=
 sweep: $(STAMP)
 	$(PY) -m bench sweep --methods $(if $(METHODS),$(METHODS),$(METHOD)) --seeds $(SEEDS) $(if $(REWARD),--reward $(REWARD)) \
-		--root $(SWEEP) $(ARGS)
+		--root $(SWEEP) --executor $(EXECUTOR) $(if $(ADDRESS),--address $(ADDRESS)) $(ARGS)
 
 # The README's example sweep (bench/sweeps/paper*.yaml: every method x 3 seeds, and AlignProp K = 1 for the RLR
 # study) into results/sweeps/paper; finished runs are skipped, so it also completes an interrupted sweep.

@@ -2,6 +2,7 @@
 
     python -m bench sweep --methods alignprop ddpo --seeds 0 1 2 --reward saturation [--set k=v ...] [--root DIR]
     python -m bench sweep --file sweep.yaml        # keys: methods, seeds, rewards (or reward), set, variants, root
+    python -m bench sweep ... --executor ray [--address HOST:PORT] [--cpus-per-run N]   # each run a Ray task
 
 ``variants`` (sweep files only) is a list of arms, each a list of ``KEY=VALUE`` overrides applied on top of ``set``:
 one method under several settings, e.g. the DDE credit study's four weightings.
@@ -21,6 +22,12 @@ drivers on one folder share the work and no run is run twice.  A ``--set`` overr
 another method's section (``alignprop.lr=...`` in a sweep that also runs ``ddpo``) applies to that
 method only.  ``<root>/sweep.json`` lists the sweep's runs and their status (what ``bench compare``,
 ``table`` and ``report`` read when given the sweep folder).
+
+Executors: ``local`` (the default) runs the runs one after another in this process; ``ray`` makes each run a Ray
+task (a local instance, or the cluster at ``--address``; one GPU per run where there are GPUs, ``--cpus-per-run``
+CPUs each) running the same per-run code (``run_one``) over the same folder, so the run folders, their hashes and
+their metrics are the same, and an interrupted Ray sweep resumes exactly like a local one.  ``ray`` is an optional
+extra (``pip install -e .[ray]``).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import yaml
 
@@ -125,43 +133,124 @@ def write_index(root: str, runs: list[PlannedRun], outcome: dict[str, str]) -> N
     store.atomic_write_json(path, {"runs": sorted(index.values(), key=lambda r: (r["reward"], r["method"], r["seed"]))})
 
 
-def run_sweep(runs: list[PlannedRun], root: str, log=print) -> dict[str, str]:
-    """Run (or skip, or resume) every planned run in order; returns run_id -> outcome."""
+EXECUTORS = ("local", "ray")
+
+
+def run_one(r: PlannedRun, i: int, n: int, log=print) -> str | None:
+    """Run, skip or resume one planned run under its folder's writer lock; returns its outcome ('complete',
+    'refused: ...'), or None when another process holds it."""
+    what = f"[{i}/{n}] {r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)})"
+    folder = RunFolder(r.run_dir)
+    try:
+        with folder.lock(run.warn):  # this driver's run now; another driver skips it
+            state = status_of(r.run_dir)
+            if state == "complete":
+                log(f"{what}: complete, skipped")
+                return "complete"
+            if state == "interrupted":
+                log(f"{what}: interrupted, resuming")
+                run.resume(r.run_dir, locked=True)
+            else:
+                log(f"{what}: running")
+                run.start(r.cfg, r.run_dir, locked=True)
+            return "complete"
+    except FolderBusy as e:
+        log(f"{what}: being run by another process, skipped ({e})")
+        return None
+    except BenchError as e:  # e.g. a method that needs a differentiable reward: this run only
+        log(f"{what}: refused: {e}")
+        return f"refused: {e}"
+
+
+def _crash_switch(i: int, crash_step: str | None, crash_run: str | None) -> None:
+    """Tests: the harness's crash switch applies to the chosen run only (1-based)."""
+    if crash_run is not None:
+        if i == int(crash_run) and crash_step:
+            os.environ[run.CRASH_ENV] = crash_step
+        else:
+            os.environ.pop(run.CRASH_ENV, None)
+
+
+def run_sweep(runs: list[PlannedRun], root: str, log=print, executor: str = "local", address: str | None = None,
+              cpus_per_run: float = 2) -> dict[str, str]:
+    """Run (or skip, or resume) every planned run; returns run_id -> outcome.  ``local``: one after another in this
+    process; ``ray``: each run a Ray task (``_run_on_ray``)."""
     for r in runs:
         _check_identity(r)
     os.makedirs(root, exist_ok=True)
     outcome: dict[str, str] = {}
     write_index(root, runs, outcome)
-    crash_step = os.environ.get(run.CRASH_ENV)
-    crash_run = os.environ.get(SWEEP_CRASH_RUN_ENV)
+    crash_step, crash_run = os.environ.get(run.CRASH_ENV), os.environ.get(SWEEP_CRASH_RUN_ENV)
+    if executor == "ray":
+        return _run_on_ray(runs, root, outcome, log, address, cpus_per_run, crash_step, crash_run)
     for i, r in enumerate(runs, 1):
-        if crash_run is not None:  # tests: only the chosen run is killed by the harness's crash switch
-            if i == int(crash_run) and crash_step:
-                os.environ[run.CRASH_ENV] = crash_step
-            else:
-                os.environ.pop(run.CRASH_ENV, None)
-        what = f"[{i}/{len(runs)}] {r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)})"
-        folder = RunFolder(r.run_dir)
-        try:
-            with folder.lock(run.warn):  # this driver's run now; another driver skips it
-                state = status_of(r.run_dir)
-                if state == "complete":
-                    log(f"{what}: complete, skipped")
-                    outcome[r.run_id] = "complete"
-                    continue
-                if state == "interrupted":
-                    log(f"{what}: interrupted, resuming")
-                    run.resume(r.run_dir, locked=True)
-                else:
-                    log(f"{what}: running")
-                    run.start(r.cfg, r.run_dir, locked=True)
-                outcome[r.run_id] = "complete"
-        except FolderBusy as e:
-            log(f"{what}: being run by another process, skipped ({e})")
-        except BenchError as e:  # e.g. a method that needs a differentiable reward: this run only
-            log(f"{what}: refused: {e}")
-            outcome[r.run_id] = f"refused: {e}"
+        _crash_switch(i, crash_step, crash_run)
+        result = run_one(r, i, len(runs), log)
+        if result is not None:
+            outcome[r.run_id] = result
         write_index(root, runs, outcome)
+    return outcome
+
+
+def _ray_task(r: PlannedRun, i: int, n: int, crash_step: str | None, crash_run: str | None) -> str | None:
+    """One run in a Ray worker: the same ``run_one`` as the local executor, from the project's root.
+
+    A worker whose raylet is gone (a local instance ends with its killed driver) would otherwise go on computing
+    until it next speaks to Ray, holding its run folder; a watchdog ends it at once instead (exit 137, as a kill:
+    every write is atomic, the run stays interrupted and the next sweep resumes it)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watchdog():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(137)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    os.chdir(store.PROJECT_ROOT)
+    _crash_switch(i, crash_step, crash_run)
+    return run_one(r, i, n, lambda line: print(line, flush=True))
+
+
+def _run_on_ray(runs: list[PlannedRun], root: str, outcome: dict[str, str], log, address: str | None,
+                cpus_per_run: float, crash_step: str | None, crash_run: str | None) -> dict[str, str]:
+    """Every run a Ray task on the instance at ``address`` (None: a local instance started here, ended with this
+    process), one GPU each where the cluster has GPUs, over the shared ``root``.  Workers need this checkout at the
+    same path (a shared file system); the driver writes ``sweep.json`` as tasks end.  A task whose worker dies
+    leaves its run interrupted (the next sweep resumes it), and the others go on."""
+    try:
+        import ray
+    except ImportError:
+        raise BenchError("executor 'ray' needs the ray package (pip install -e .[ray]); accepted without it: "
+                         "--executor local") from None
+    env = {k: v for k, v in os.environ.items() if k.startswith("DIFFALIGN_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (store.PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise BenchError(f"cannot reach a Ray instance at {address!r} ({str(e).splitlines()[0][:200]}); accepted: "
+                         "--address host:port of a running Ray head ('ray start --head'), or none for a local "
+                         "instance") from None
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus, max_retries=0)(_ray_task)
+        pending = {task.remote(r, i, len(runs), crash_step, crash_run): r for i, r in enumerate(runs, 1)}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            r = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log(f"{r.method} {r.reward} seed {r.seed} ({os.path.basename(r.run_dir)}): its Ray task failed "
+                    f"({type(e).__name__}); the run is left {status_of(r.run_dir)}, a rerun of the sweep resumes it")
+                result = None
+            if result is not None:
+                outcome[r.run_id] = result
+            write_index(root, runs, outcome)
+    finally:
+        ray.shutdown()
     return outcome
 
 
@@ -203,7 +292,9 @@ def main(args) -> int:
     except (TypeError, ValueError):
         raise BenchError(f"seeds {seeds!r}; accepted: integers") from None
     runs = plan(methods, seeds, rewards, overrides, root, spec.get("variants"))
-    outcome = run_sweep(runs, root)
+    if args.executor not in EXECUTORS:
+        raise BenchError(f"executor {args.executor!r}; accepted: {', '.join(EXECUTORS)}")
+    outcome = run_sweep(runs, root, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run)
     done = sum(status_of(r.run_dir) == "complete" for r in runs)
     refused = [k for k, v in outcome.items() if v.startswith("refused")]
     elsewhere = len(runs) - done - len(refused)

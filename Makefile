@@ -27,9 +27,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import bench, diffusers, transformers, peft, accelerate, open_clip, pandas"
 	touch $(STAMP)
 
+# PROCS=N: data parallel over N processes (torchrun; on CPU gloo, on GPUs one per process), into a named run folder.
+PROCS  ?= 1
+PORT   ?= 29511
+RUNSTAMP := $(shell date +%Y%m%d-%H%M%S)
+MULTI  := $(filter-out 1,$(PROCS))
 bench: $(STAMP)
-	$(PY) -m bench run --method $(METHOD) $(if $(REWARD),--reward $(REWARD)) $(if $(STEPS),--steps $(STEPS)) \
-		$(if $(SEED),--seed $(SEED)) $(ARGS)
+	$(if $(MULTI),$(PY) -m torch.distributed.run --nproc_per_node $(PROCS) --master_port $(PORT),$(PY)) -m bench run \
+		--method $(METHOD) $(if $(REWARD),--reward $(REWARD)) $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED)) \
+		$(if $(MULTI),--out results/runs/$(METHOD)-procs$(PROCS)-$(RUNSTAMP)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -126,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     except run.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return run.EXIT_INTERRUPTED
+    except RuntimeError as e:  # a data-parallel run whose other processes are gone (gloo / NCCL)
+        if run.launched_processes() == 1 or not run.is_collective_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"error: process {os.environ.get('RANK', '?')} of {run.launched_processes()} lost the others ({first}); "
+              "the run folder keeps its last checkpoint: resume it with the same number of processes "
+              "(bench run --resume RUN_DIR)", file=sys.stderr)
+        return 1
 
 
 # ---- one handler per subcommand ---------------------------------------------------------------------------
@@ -144,7 +152,8 @@ def _run(args) -> int:
         cfg = resolve(args.method, overrides, args.preset)
         method = cfg.method
         run_dir, summary = run.start(cfg, args.out)
-    print(summary_line(method, summary, run_dir))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary line per run, from its main process
+        print(summary_line(method, summary, run_dir))
     return 0
 
 

@@ -4,6 +4,12 @@ It holds the frozen pipeline with its LoRA adapter, the training reward, the tra
 cost counters, and the accelerator, and offers the few operations every method needs: draw prompts and initial
 noise, score images (counting reward queries), build AdamW over the LoRA weights, backpropagate and clip.
 
+In a data-parallel run (several processes, ``torchrun`` / ``accelerate launch``) every process draws the whole
+global batch's prompts and noise from the same seeded generator and keeps its own rows (``local``,
+``step_generator``), so 1 and N processes generate the same samples; gradients are averaged over the processes
+before clipping and before every update (``sync_grads``, one flat all-reduce), and a non-finite value seen by any
+process makes every process skip the update.  With one process all of this is the identity.
+
 It also guards every optimizer update against non-finite values (``nan_policy``, ``nan_patience``): a reward
 (``score``), a loss (``backward``) or a gradient norm (``clip_grad``) that is NaN or infinite marks the pending
 update, and the guarded optimizer (``adamw``, ``guard``) then skips it: the gradients are dropped and neither the
@@ -20,6 +26,7 @@ import torch
 
 from bench.config import Config
 from diffalign.costs import Costs
+from diffalign.ddim import ShardedGenerator
 from diffalign.errors import BenchError
 from diffalign.sampling import initial_noise
 
@@ -38,6 +45,9 @@ class GuardedOptimizer:
     def step(self) -> bool:
         """True if the update was made, False if it was skipped."""
         ctx = self.ctx
+        ctx.sync_grads([p for g in self.opt.param_groups for p in g["params"]])
+        ctx.agree_on_nonfinite()
+        ctx.synced.clear()
         if not ctx.nonfinite:
             params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
             if params and not all(bool(torch.isfinite(p.grad).all()) for p in params):
@@ -90,6 +100,130 @@ class Context:
     nonfinite: list = dataclasses.field(default_factory=list)  # terms seen non-finite since the last update
     skipped_updates: int = 0
     consecutive_skips: int = 0
+    synced: set = dataclasses.field(default_factory=set)  # ids of parameters whose gradients are averaged already
+
+    # ---- data parallel (the identity with one process) ------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def rows(self, n: int) -> slice:
+        """This process's rows of a global batch of ``n`` (contiguous, in rank order)."""
+        if n % self.world:
+            raise BenchError(f"a global batch of {n} does not split over {self.world} processes; accepted: batch "
+                             "sizes divisible by the number of processes")
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def local(self, batch, strided: bool = False):
+        """This process's rows of a global batch (a list or a tensor): contiguous, or with ``strided`` every
+        world-th row from its rank's (what keeps strided sample groups, such as a minibatch-std layer's, whole)."""
+        if self.world == 1:
+            return batch
+        rows = self.rows(len(batch))
+        return batch[self.rank::self.world] if strided else batch[rows]
+
+    def step_generator(self, n: int):
+        """The generator to hand a sampler that runs this process's rows of a global batch of ``n``."""
+        return self.generator if self.world == 1 else ShardedGenerator(self.generator, n, self.rows(n))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The global batch from every process's rows (rank order), on ``t``'s device."""
+        if self.world == 1:
+            return t
+        return self.accelerator.gather(t.contiguous().to(self.accelerator.device)).to(t.device)
+
+    def gather_trajectory(self, traj):
+        """A ``diffalign.sampling.Trajectory`` of this process's rows -> the global batch's (rank order)."""
+        if self.world == 1:
+            return traj
+        return dataclasses.replace(traj, latents=self.gather(traj.latents), log_probs=self.gather(traj.log_probs),
+                                   images=self.gather(traj.images), cond=self.gather(traj.cond),
+                                   uncond=self.gather(traj.uncond) if traj.uncond is not None else None)
+
+    def mean_metrics(self, metrics: dict) -> dict:
+        """Per-process metrics (means over equal shards) -> their mean over the processes (one all-reduce)."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = list(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+
+    def mean_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor averaged over the processes (one flat all-reduce); the list itself with one process."""
+        if self.world == 1 or not tensors:
+            return tensors
+        dev = self.accelerator.device
+        flat = torch.cat([t.reshape(-1).to(dev, torch.float64) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i:i + t.numel()].view_as(t).to(t.device, t.dtype))
+            i += t.numel()
+        return out
+
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over the processes (once per update): one flat all-reduce; a
+        parameter without a gradient on some process counts as zero there."""
+        if self.world == 1:
+            return
+        params = [p for p in params if id(p) not in self.synced]
+        if not params:
+            return
+        dev = self.accelerator.device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
+        torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+        params = [p for p, h in zip(params, has.tolist()) if h]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if params:
+            flat = torch.cat([p.grad.reshape(-1).to(dev, torch.float32) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            i = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[i:i + n].view_as(p.grad))
+                i += n
+        self.synced.update(id(p) for p in params)
+
+    def agree_on_nonfinite(self) -> None:
+        """A non-finite reward or loss seen by one process marks the pending update on every process."""
+        if self.world == 1:
+            return
+        flag = torch.tensor([float(bool(self.nonfinite))], device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not self.nonfinite:
+            self.nonfinite.append("value on another process")
+
+    def mean_over_processes(self, x: float) -> float:
+        """The mean of a per-process number over the processes (a loss averaged over equal shards)."""
+        if self.world == 1:
+            return x
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def global_costs(self) -> dict:
+        """The cost counters summed over the processes (each counts the work of its own rows)."""
+        local = self.costs.state_dict()
+        if self.world == 1:
+            return local
+        keys = sorted(local)
+        t = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(t)
+        return {k: type(local[k])(v) for k, v in zip(keys, t.tolist())}
 
     @property
     def method_cfg(self) -> Config:
@@ -142,6 +276,7 @@ class Context:
         self.accelerator.backward(loss)
 
     def clip_grad(self, max_norm: float) -> float:
+        self.sync_grads(self.trainable)
         norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(norm):
             self.nonfinite.append("gradient norm")

@@ -58,7 +58,7 @@ from diffalign.costs import Costs
 from diffalign.errors import BenchError
 from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, make_full_finetune, save_lora
 from diffalign.pipeline import load_pipeline
-from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, RunFolder, project_path, safe_name
+from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, FollowerFolder, RunFolder, project_path, safe_name
 from methods import method_module
 from prompts import load_prompts
 from rewards import get_reward
@@ -68,6 +68,7 @@ COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_r
                 "win_rate", "win_rate_sem", "fidelity", "fidelity_colour", "fidelity_shape", "fidelity_count",
                 "kl_to_base", "images", "reward_queries", "unet_fwd", "unet_bwd", "wall_time", "peak_mem_mb"]
 CRASH_ENV = "DIFFALIGN_CRASH_AFTER_STEP"  # tests: die like `kill -9` right after this step
+CRASH_RANK_ENV = "DIFFALIGN_CRASH_RANK"  # tests: only this process of a data-parallel run dies
 SIGNAL_ENV = "DIFFALIGN_SIGTERM_AFTER_STEP"  # tests: send this process SIGTERM right after this step's update
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; resume to continue
 CHECKPOINT_KEYS = ("step", "lora", "method", "generator", "costs", "rows")
@@ -103,7 +104,13 @@ class Run:
         self.device = device_of(cfg)
         if cfg.mixed_precision != "no" and self.device != "cuda":
             raise BenchError(f"mixed_precision {cfg.mixed_precision!r} needs a CUDA GPU; accepted on CPU: no")
-        accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision)
+        accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision,
+                                             kwargs_handlers=[PROCESS_GROUP_TIMEOUT])
+        self.main, self.world = accelerator.is_main_process, accelerator.num_processes
+        if self.world > 1:
+            check_data_parallel(cfg, self.method_module, self.world)
+            if not self.main:  # the main process alone writes the store
+                self.folder = folder = FollowerFolder(folder.path)
         pipe = load_pipeline(project_path(cfg.model), device=accelerator.device, dtype=DTYPES[cfg.mixed_precision])
         if hasattr(reward, "to"):
             reward.to(accelerator.device)
@@ -117,7 +124,8 @@ class Run:
                            generator=torch.Generator().manual_seed(cfg.seed), costs=Costs(),
                            accelerator=accelerator, trainable=trainable)
         self.method = self.method_module.Method(self.ctx)
-        self.trackers = Trackers(cfg.get("trackers") or [], folder.path, config=dict(cfg))  # checks packages now
+        self.trackers = Trackers((cfg.get("trackers") or []) if self.main else [], folder.path,
+                                 config=dict(cfg))  # checks packages now
         self.step = 0
         self.rows: list[dict] = []            # one per step: the metrics table
         self.first_eval: dict | None = None   # the step-0 evaluation (the summary's "before")
@@ -139,6 +147,7 @@ class Run:
         self.folder.write_checkpoint(state)
         self.checkpointed_step = self.step
         self.write_tables()
+        self.ctx.barrier()  # nobody goes on (or reads it) before the main process has written it
 
     def restore(self) -> None:
         state = self.folder.read_checkpoint(CHECKPOINT_KEYS, warn=warn)
@@ -152,6 +161,8 @@ class Run:
         self.eval_time = state.get("eval_time", 0.0)
 
     def write_tables(self) -> None:
+        if not self.main:
+            return
         df = pd.DataFrame(self.rows)
         first = [c for c in COLUMN_ORDER if c in df]
         df = df[first + [c for c in df.columns if c not in first]]
@@ -166,7 +177,7 @@ class Run:
         base = [e["reward"] for e in self.eval_samples if e["step"] == 0]
         ev = self.evaluate_base() if self.step == 0 else self.evaluator(self.ctx.pipe, self.step, base, final)
         self.eval_samples += ev.samples
-        if grid:
+        if grid and self.main:
             save_grid(ev.images, ev.prompts, self.cfg.eval.num_seeds, self.folder.grid_path(self.step),
                       title=f"{self.cfg.method} / {self.cfg.reward} / step {self.step}")
         self.eval_time += time.time() - t0
@@ -181,13 +192,15 @@ class Run:
             return Evaluation(hit["metrics"], hit["samples"], hit["images"].float() / 255, hit["prompts"])
         ev = self.evaluator(self.ctx.pipe, 0, None, final=False, base_model_itself=True)
         u8 = (ev.images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # what the grids store
-        evalcache.save(key, {"metrics": ev.metrics, "samples": ev.samples, "images": u8, "prompts": ev.prompts})
+        if self.main:
+            evalcache.save(key, {"metrics": ev.metrics, "samples": ev.samples, "images": u8, "prompts": ev.prompts})
         return ev
 
     def record(self, metrics: dict, eval_metrics: dict | None) -> None:
-        c = self.ctx.costs
-        row = {"step": self.step, **metrics, **self.ctx.pop_reward_terms(), **(eval_metrics or {}), "images": c.images,
-               "reward_queries": c.reward_queries, "unet_fwd": c.unet_fwd, "unet_bwd": c.unet_bwd,
+        c = self.ctx.global_costs()
+        row = {"step": self.step, **metrics, **self.ctx.pop_reward_terms(), **(eval_metrics or {}),
+               "images": c["images"], "reward_queries": c["reward_queries"], "unet_fwd": c["unet_fwd"],
+               "unet_bwd": c["unet_bwd"],
                "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device),
                "skipped_updates": self.ctx.skipped_updates}
         self.rows.append(row)
@@ -224,7 +237,7 @@ class Run:
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         signal_after = int(os.environ.get(SIGNAL_ENV, "0") or 0)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0, disable=not self.main)
         try:
             while self.step < cfg.steps:
                 if self.signalled:
@@ -247,7 +260,8 @@ class Run:
                 # 4. checkpoint every checkpoint_every steps and at the end
                 if self.step % cfg.checkpoint_every == 0 or last:
                     self.checkpoint()
-                if crash_after and self.step == crash_after:
+                if crash_after and self.step == crash_after and os.environ.get(CRASH_RANK_ENV, str(self.ctx.rank)) \
+                        == str(self.ctx.rank):
                     os._exit(137)
         finally:
             bar.close()  # before any error line, so that line starts a line of its own
@@ -264,17 +278,21 @@ class Run:
 
     def finish(self) -> dict:
         cfg, folder = self.cfg, self.folder
+        summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
+        summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time)
+        if not self.main:
+            self.ctx.barrier()  # the main process writes what follows
+            return summary
         save_lora(self.ctx.pipe.unet, folder.lora_path, {
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets, "base_model": cfg.model,
             "method": cfg.method, "variant": cfg.variant, "step": self.step})
         save_before_after(folder.grid_path(0), folder.grid_path(self.step), folder.start_vs_end_path)
-        summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
-        summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time)
         folder.write_summary(summary)
         quality_outputs.write(folder.path, quality_outputs.fd_rows(pd.DataFrame(self.rows), cfg.method, True),
                               f"{cfg.method} on {cfg.reward}")
         self.trackers.close()
         folder.update_manifest(status="complete", end_time=now(), eval0=self.eval0_source)
+        self.ctx.barrier()
         return summary
 
 
@@ -292,21 +310,26 @@ def new_run_dir(cfg: Config, root: str | None = None) -> str:
 def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tuple[str, dict]:
     """A new run of a resolved config: everything is loaded and checked before the run folder is created.
     ``locked``: the caller already holds the folder's writer lock (a sweep)."""
+    if run_dir is None and launched_processes() > 1:
+        raise BenchError("a run on several processes needs its folder named: accepted: bench run ... --out RUN_DIR "
+                         "(the same for every process)")
     run_dir = run_dir or new_run_dir(cfg)
     folder = RunFolder(run_dir)
     if folder.holds_run():
         raise BenchError(f"run folder {run_dir!r} already holds a run; accepted: a new folder, or "
                          f"'bench run --resume {run_dir}' to continue it")
     run = Run(cfg, folder)
+    run.ctx.barrier()  # every process has checked the folder before the main one writes in it
+    folder = run.folder
     with contextlib.nullcontext() if locked else folder.lock(warn):
-        if folder.holds_run():  # another writer started it while this one was building
+        if run.main and folder.holds_run():  # another writer started it while this one was building
             raise AlreadyStarted(f"run folder {run_dir!r} already holds a run; accepted: a new folder, or "
                                  f"'bench run --resume {run_dir}' to continue it")
         folder.write_config(cfg)
         folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
                                device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
                                git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
-                               reward=cfg.reward, argv=sys.argv, host=platform.node())
+                               reward=cfg.reward, argv=sys.argv, host=platform.node(), processes=run.world)
         summary = run.train()
     return run_dir, companion(run_dir, cfg, summary)
 
@@ -318,8 +341,14 @@ def resume(run_dir: str, locked: bool = False) -> tuple[str, dict]:
     if not os.path.isfile(folder.config_path):
         raise BenchError(f"cannot resume {run_dir!r}: no config.yaml there; accepted: a run folder under results/")
     run = Run(Config(folder.read_config()), folder)
+    manifest = folder.read_manifest()
+    if manifest.get("processes", 1) != run.world and manifest.get("status") != "complete":
+        raise BenchError(f"run {run_dir!r} ran on {manifest.get('processes', 1)} process(es) and is resumed on "
+                         f"{run.world}; accepted: resume it with the same number of processes "
+                         f"({manifest.get('processes', 1)}), which its checkpoint and sample streams assume")
+    run.ctx.barrier()
+    folder = run.folder
     with contextlib.nullcontext() if locked else folder.lock(warn):
-        manifest = folder.read_manifest()
         if manifest.get("status") == "complete":
             summary = folder.read_summary()
         else:
@@ -360,6 +389,36 @@ def companion(run_dir: str, cfg: Config, summary: dict) -> dict:
 
 
 # ---- the manifest's provenance ------------------------------------------------------------------------------
+
+PROCESS_GROUP_TIMEOUT = accelerate.utils.InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=300))
+
+
+def launched_processes() -> int:
+    """How many processes ``torchrun`` / ``accelerate launch`` started for this run (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A failed collective operation (a peer process died or hung), as torch.distributed reports it."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    return isinstance(e, dist_error) or any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed",
+                                                                  "Connection reset", "timed out"))
+
+
+def check_data_parallel(cfg: Config, module, world: int) -> None:
+    """Several processes: only for methods that split their batches over them (``DATA_PARALLEL``)."""
+    from methods import METHODS
+
+    able = getattr(module, "DATA_PARALLEL", False)
+    why = able(cfg, world) if callable(able) else None
+    if why:
+        raise BenchError(f"method {cfg.method!r} on {world} processes: {why}; or run it on one process")
+    if not able:
+        ok = [m for m in METHODS if getattr(method_module(m), "DATA_PARALLEL", False)]
+        raise BenchError(f"method {cfg.method!r} does not split its batches over processes yet; accepted on {world} "
+                         f"processes: {', '.join(ok) or 'none'}; or run it on one")
+
 
 def device_of(cfg: Config) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():

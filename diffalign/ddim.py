@@ -53,8 +53,20 @@ def step_std(scheduler, t, num_steps: int, eta: float) -> torch.Tensor:
     return sigma(*alphas(scheduler, t, num_steps), eta)
 
 
-def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+@dataclasses.dataclass
+class ShardedGenerator:
+    """The run's generator as one process of a data-parallel run holds it: every draw is made for the whole global
+    batch (``total`` rows) and this process keeps its ``rows``, so 1 and N processes give a sample the same noise."""
+    generator: torch.Generator
+    total: int
+    rows: slice
+
+
+def step_noise(x: torch.Tensor, generator: torch.Generator | ShardedGenerator | None) -> torch.Tensor:
     """z ~ N(0, I) for one stochastic step, drawn on the CPU (reproducible) in the latents' dtype/device."""
+    if isinstance(generator, ShardedGenerator):
+        z = torch.randn((generator.total, *x.shape[1:]), generator=generator.generator, dtype=torch.float32)
+        return z[generator.rows].to(x.device, x.dtype)
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
 
 

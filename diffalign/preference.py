@@ -239,6 +239,17 @@ def pair_errors(pipe, x0_w: torch.Tensor, x0_l: torch.Tensor, t: torch.Tensor, n
     return m[:n], m[n:], r[:n], r[n:]
 
 
+def pairs_data_parallel(section: str):
+    """A preference method's ``DATA_PARALLEL``: the fixed pair sets split over processes; pairs sampled by the
+    model itself (online, base) would be sampled again by every process, so they run on one."""
+    def refusal(cfg, world: int) -> str | None:
+        if cfg[section]["pairs"] in ("online", "base"):
+            return (f"{section}.pairs={cfg[section]['pairs']} samples its pairs in every process; accepted on several "
+                    "processes: tiny-pairs or a pair file")
+        return None
+    return refusal
+
+
 def step_metrics(losses: list[float], insides: list[torch.Tensor], grad_norm: float) -> dict:
     """What a preference method logs per step: loss, gradient norm, implicit accuracy and margin, pairs seen."""
     if not losses:

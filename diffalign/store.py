@@ -394,3 +394,31 @@ class RunFolder:
                 os.unlink(tmp)
             raise
         _fsync_dir(self.path)
+
+
+class FollowerFolder(RunFolder):
+    """A run folder as the non-main processes of a data-parallel run see it: every read as usual, every write (and
+    the writer lock) left to the main process, which alone writes the store."""
+
+    @contextlib.contextmanager
+    def lock(self, warn=None) -> Iterator[None]:
+        yield
+
+    def write_config(self, cfg: dict) -> None:
+        pass
+
+    def update_manifest(self, **fields) -> None:
+        pass
+
+    def write_metrics(self, df: pd.DataFrame) -> None:
+        pass
+
+    def write_eval_samples(self, df: pd.DataFrame) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def write_checkpoint(self, state: dict) -> None:
+        pass
+

@@ -33,6 +33,7 @@ from diffalign.sampling import sample_with_grad
 
 CONFIG_SECTION = "alignprop"
 NEEDS_DIFFERENTIABLE_REWARD = True
+DATA_PARALLEL = True  # each process samples its rows of the batch; the loss is its rows' mean (gradients averaged)
 TRUNCATIONS = ("full", "per_step", "last_k")
 K_DISTS = ("fixed", "uniform", "gaussian")
 DEFAULTS = {
@@ -130,21 +131,21 @@ class Method:
         ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         rewards, grad_steps = [], []
         for _ in range(c.grad_accum):
-            # 1. c_1..c_B ~ train prompts, x_T ~ N(0, I)
-            prompts = ctx.draw_prompts(c.batch_size)
-            x_T = ctx.noise(c.batch_size)
+            # 1. c_1..c_B ~ train prompts, x_T ~ N(0, I)   (this process's rows of them)
+            prompts = ctx.local(ctx.draw_prompts(c.batch_size))
+            x_T = ctx.local(ctx.noise(c.batch_size))
             # 2. mask <- truncation rule
             mask = truncation_mask(c.truncation, sampler.num_steps, ctx.generator, c.k, c.k_dist, c.k_mean, c.k_std)
             # 3. x0 <- DDIM(x_T, c; theta) with gradients through the masked steps
             images = sample_with_grad(ctx.pipe, prompts, x_T, sampler.num_steps, sampler.guidance, sampler.eta,
-                                      grad_mask=mask, checkpointing=c.checkpointing, generator=ctx.generator,
-                                      costs=ctx.costs)
+                                      grad_mask=mask, checkpointing=c.checkpointing,
+                                      generator=ctx.step_generator(c.batch_size), costs=ctx.costs)
             # 4. L <- -loss_coeff * mean R (accumulated over grad_accum batches)
             r = ctx.score(images, prompts)
             loss = self.loss(r) / c.grad_accum
             if loss.requires_grad:  # per_step can, rarely, keep no step at all: then no gradient
                 ctx.backward(loss)
-            rewards.append(r.detach().float().cpu())
+            rewards.append(ctx.gather(r.detach().float()).cpu())
             grad_steps.append(sum(mask))
         # 5. theta <- AdamW(theta, clip(grad L, grad_clip))
         grad_norm = ctx.clip_grad(c.grad_clip)

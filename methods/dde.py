@@ -53,11 +53,20 @@ from __future__ import annotations
 import torch
 
 from diffalign.errors import BenchError, check_choice
-from diffalign.preference import PAIR_DEFAULTS, PairSource, check_pair_config, dpo_loss, pair_errors, step_metrics
+from diffalign.preference import (
+    PAIR_DEFAULTS,
+    PairSource,
+    check_pair_config,
+    dpo_loss,
+    pair_errors,
+    pairs_data_parallel,
+    step_metrics,
+)
 from diffalign.store import project_path
 
 CONFIG_SECTION = "dde"
 NEEDS_DIFFERENTIABLE_REWARD = False   # the reward only labels pairs
+DATA_PARALLEL = pairs_data_parallel(CONFIG_SECTION)  # each process takes its rows of every batch of pairs
 WEIGHTINGS = ("dde", "stepwise", "single-shot", "uniform")
 T_SAMPLINGS = ("uniform", "importance")
 SINGLE_SHOT_VARS = ("posterior", "fixed")
@@ -171,15 +180,17 @@ class Method:
             # 2. one t per pair (and its credit), one eps per pair, shared by winner and loser
             t, weight = self.draw_timesteps(n)
             noise = torch.randn(x0_w.shape, generator=ctx.generator, dtype=torch.float32).to(x0_w)
+            # (several processes: each takes its rows of the batch; the loss is their mean, gradients averaged)
+            prompts, x0_w, x0_l, t, weight, noise = (ctx.local(v) for v in (prompts, x0_w, x0_l, t, weight, noise))
             cond = pipe.encode_prompts(prompts)
             # 3. the policy's and the reference's denoising errors: D_t = -(m_t - r_t) for winner and loser
             m_w, m_l, r_w, r_l = pair_errors(pipe, x0_w, x0_l, t, noise, cond, ctx.costs)
             # 4. DPO on DDE's estimate of the log-likelihood ratio: the credit wbar(t) inside the sigmoid
             out = dpo_loss(m_w, m_l, r_w, r_l, c.beta, weight)
             ctx.backward(out.loss / c.grad_accum)
-            losses.append(float(out.loss.detach()))
-            inside.append(out.inside.cpu())
-            ts.append(t.float())
+            losses.append(ctx.mean_over_processes(float(out.loss.detach())))
+            inside.append(ctx.gather(out.inside).cpu())
+            ts.append(ctx.gather(t.float()))
         # 5. clip, AdamW
         grad_norm = ctx.clip_grad(c.grad_clip) if losses else 0.0
         self.opt.step()

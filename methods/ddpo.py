@@ -54,6 +54,8 @@ from diffalign.sampling import Trajectory, guided_eps, sample
 
 CONFIG_SECTION = "ddpo"
 NEEDS_DIFFERENTIABLE_REWARD = False
+DATA_PARALLEL = True  # each process samples its rows of every sample batch (the round gathered on every process)
+                      # and trains on its rows of every minibatch
 ESTIMATORS = ("is", "sf")
 DEFAULTS = {
     "estimator": "is",           # is (PPO-clipped importance sampling) | sf (score function / REINFORCE)
@@ -133,13 +135,13 @@ class Method:
         prompts = ctx.draw_prompts(c.samples_per_step, c.prompts_per_step)
         parts, rewards = [], []
         for b in range(0, c.samples_per_step, c.sample_batch_size):
-            batch_prompts = prompts[b:b + c.sample_batch_size]
-            traj = sample(ctx.pipe, batch_prompts, ctx.noise(c.sample_batch_size), sampler.num_steps,
-                          sampler.guidance, sampler.eta, generator=ctx.generator, costs=ctx.costs,
-                          reduction=c.logprob_reduction)
-            parts.append(traj)
-            # 2. r = reward(x0, c)
-            rewards.append(ctx.score(traj.images, batch_prompts).float().cpu())
+            batch_prompts = ctx.local(prompts[b:b + c.sample_batch_size])
+            traj = sample(ctx.pipe, batch_prompts, ctx.local(ctx.noise(c.sample_batch_size)), sampler.num_steps,
+                          sampler.guidance, sampler.eta, generator=ctx.step_generator(c.sample_batch_size),
+                          costs=ctx.costs, reduction=c.logprob_reduction)
+            # 2. r = reward(x0, c)   (several processes: the whole batch gathered on each)
+            rewards.append(ctx.gather(ctx.score(traj.images, batch_prompts).float()).cpu())
+            parts.append(ctx.gather_trajectory(traj))
         rewards = torch.cat(rewards)
         # 3. A = per-prompt normalised r (or over the batch), clipped
         adv = self.tracker.update(prompts, rewards) if c.per_prompt_stats else batch_normalise(rewards)
@@ -160,7 +162,7 @@ class Method:
             perm = torch.randperm(n, generator=g)
             order = torch.stack([steps[torch.randperm(len(steps), generator=g)] for _ in range(n)])  # per sample
             for start in range(0, n, c.train_batch_size):
-                idx = perm[start:start + c.train_batch_size]
+                idx = ctx.local(perm[start:start + c.train_batch_size])  # this process's rows of the minibatch
                 for j in range(n_t):
                     ti = order[idx, j]
                     x_t, x_prev = traj.latents[idx, ti], traj.latents[idx, ti + 1]
@@ -182,8 +184,8 @@ class Method:
                     ctx.clip_grad(c.grad_clip)
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
-        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), **stats.summary(),
-                "updates": micro // c.grad_accum}
+        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                **ctx.mean_metrics(stats.summary()), "updates": micro // c.grad_accum}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict()}

@@ -21,11 +21,20 @@ from __future__ import annotations
 import torch
 
 from diffalign.errors import BenchError
-from diffalign.preference import PAIR_DEFAULTS, PairSource, check_pair_config, dpo_loss, pair_errors, step_metrics
+from diffalign.preference import (
+    PAIR_DEFAULTS,
+    PairSource,
+    check_pair_config,
+    dpo_loss,
+    pair_errors,
+    pairs_data_parallel,
+    step_metrics,
+)
 from diffalign.store import project_path
 
 CONFIG_SECTION = "diffusion_dpo"
 NEEDS_DIFFERENTIABLE_REWARD = False   # the reward only labels pairs
+DATA_PARALLEL = pairs_data_parallel(CONFIG_SECTION)  # each process takes its rows of every batch of pairs
 TINY_PAIRS = "models/tiny-pairs"
 DEFAULTS = {
     "batch_size": 16,            # pairs per optimizer step
@@ -76,14 +85,16 @@ class Method:
             # 2. one t and one eps per pair, shared by winner and loser
             t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (n,), generator=ctx.generator)
             noise = torch.randn(x0_w.shape, generator=ctx.generator, dtype=torch.float32).to(x0_w)
+            # (several processes: each takes its rows of the batch; the loss is their mean, gradients averaged)
+            prompts, x0_w, x0_l, t, noise = (ctx.local(v) for v in (prompts, x0_w, x0_l, t, noise))
             cond = pipe.encode_prompts(prompts)
             # 3. the policy's and the reference's denoising errors
             m_w, m_l, r_w, r_l = pair_errors(pipe, x0_w, x0_l, t, noise, cond, ctx.costs)
             # 4. the DPO loss
             out = dpo_loss(m_w, m_l, r_w, r_l, c.beta)
             ctx.backward(out.loss / c.grad_accum)
-            losses.append(float(out.loss.detach()))
-            inside.append(out.inside.cpu())
+            losses.append(ctx.mean_over_processes(float(out.loss.detach())))
+            inside.append(ctx.gather(out.inside).cpu())
         # 5. clip, AdamW
         grad_norm = ctx.clip_grad(c.grad_clip) if losses else 0.0
         self.opt.step()

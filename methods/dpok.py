@@ -46,6 +46,8 @@ from diffalign.sampling import base_model, guided_eps, sample
 
 CONFIG_SECTION = "dpok"
 NEEDS_DIFFERENTIABLE_REWARD = False
+DATA_PARALLEL = True  # each process samples its rows of the round (the buffer holds the gathered round on every
+                      # process) and trains on its rows of every drawn batch of transitions
 BASELINES = ("batch", "value", "none")
 DEFAULTS = {
     "g_batch": 8,                # trajectories sampled per round
@@ -161,11 +163,12 @@ class Method:
     def step(self) -> dict:
         ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         # 1. sample g_batch trajectories, score them, store their transitions in the replay buffer
-        prompts = ctx.draw_prompts(c.g_batch)
-        traj = sample(ctx.pipe, prompts, ctx.noise(c.g_batch), sampler.num_steps, sampler.guidance, sampler.eta,
-                      generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
-        rewards = ctx.score(traj.images, prompts).float().cpu()
-        self.add_to_buffer(traj, rewards)
+        prompts = ctx.local(ctx.draw_prompts(c.g_batch))
+        traj = sample(ctx.pipe, prompts, ctx.local(ctx.noise(c.g_batch)), sampler.num_steps, sampler.guidance,
+                      sampler.eta, generator=ctx.step_generator(c.g_batch), costs=ctx.costs,
+                      reduction=c.logprob_reduction)
+        rewards = ctx.gather(ctx.score(traj.images, prompts).float()).cpu()
+        self.add_to_buffer(ctx.gather_trajectory(traj), rewards)
         self.rounds += 1
         # 2. [value baseline: fit V(x_t, c, t) to the final reward]
         v_loss = self.fit_value() if self.value is not None else float("nan")
@@ -175,7 +178,7 @@ class Method:
         for _ in range(c.p_step):
             for _ in range(c.grad_accum):
                 # 3. draw p_batch transitions from the buffer
-                idx = torch.randint(0, n, (c.p_batch,), generator=ctx.generator)
+                idx = ctx.local(torch.randint(0, n, (c.p_batch,), generator=ctx.generator))  # this process's rows
                 b = {k: v[idx].to(ctx.pipe.device) for k, v in self.buffer.items()}
                 t = self.timesteps[b["t_index"].cpu()]
                 # 4. rho = exp(log p_theta(x_{t-1} | x_t, c) - log p_old); L = -alpha A clamp(rho, 1 - eps, 1 + eps)
@@ -200,7 +203,7 @@ class Method:
             ctx.clip_grad(c.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        summary = stats.summary()
+        summary = ctx.mean_metrics(stats.summary())
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "ratio_mean": summary["ratio_mean"], "clipfrac": summary["clipfrac"],
                 "kl_penalty": summary["kl_penalty"], "value_loss": v_loss, "buffer": n}

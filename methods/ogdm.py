@@ -36,6 +36,8 @@ run folder's ``baseline/`` and write the table of Frechet distance against NFE f
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffalign.adversarial import ADV_LOSSES, Discriminator, discriminator_hinge, generator_loss, r1_penalty
@@ -47,6 +49,18 @@ from diffalign.sampling import guided_eps
 
 CONFIG_SECTION = "ogdm"
 NEEDS_DIFFERENTIABLE_REWARD = False   # no reward in training; the evaluation scores the shared rewards
+
+
+def DATA_PARALLEL(cfg, world: int) -> str | None:  # noqa: N802  (the harness's name for this switch)
+    """Several processes: each takes every world-th row of a batch (G's and D's gradients averaged).  Strided, so
+    that D's minibatch-std groups (strided over the batch, ``diffalign.adversarial.minibatch_std``) are the same
+    samples as in one process, which needs the per-process batch to hold as many groups as the whole one."""
+    b = cfg[CONFIG_SECTION]["batch_size"]
+    if cfg[CONFIG_SECTION]["gamma"] > 0 and (b % world or math.gcd(b // world, 4) != math.gcd(b, 4)):
+        return (f"ogdm.batch_size {b} over {world} processes splits the discriminator's minibatch-std groups of 4; "
+                f"accepted: a batch size whose share per process is a multiple of 4 (e.g. {4 * world})")
+    return None
+
 DEFAULTS = {
     "data": "tiny-world",        # tiny-world (renders of the train prompts) | a folder or parquet of captioned images
     "batch_size": 32,            # real images per step
@@ -122,10 +136,15 @@ class Method:
         captions, images = self.data.draw(c.batch_size, ctx.generator)
         drop = torch.rand(len(captions), generator=ctx.generator) < c.caption_dropout
         captions = ["" if d else p for p, d in zip(captions, drop.tolist())]
+        # 2. t, eps and x_t (and the look-ahead's draws: its own stream), for the whole batch; several processes:
+        #    each keeps its rows
+        n = len(captions)
+        t = torch.randint(0, T, (n,), generator=ctx.generator)
+        eps = torch.randn((n, *pipe.latent_shape), generator=ctx.generator, dtype=torch.float32)
+        u = torch.rand(n, generator=self.s_gen) if self.adversarial else None
+        captions, images, t, eps = (ctx.local(v, strided=True) for v in (captions, images, t, eps))
         x0 = images_to_x0(pipe, images)
-        # 2. t, eps and x_t
-        t = torch.randint(0, T, (len(x0),), generator=ctx.generator)
-        eps = torch.randn(x0.shape, generator=ctx.generator, dtype=torch.float32).to(x0)
+        eps = eps.to(x0)
         x_t = add_noise(sched, x0, t, eps)
         cond = pipe.encode_prompts(captions)
         # 3. the model's prediction and the denoising loss
@@ -135,7 +154,7 @@ class Method:
         loss = loss_dm
         if self.adversarial:
             # 4. the look-ahead s and the two projections to t - s: the model's (fake) and the truth's (real)
-            s = torch.floor(torch.rand(len(t), generator=self.s_gen) * (torch.clamp(t, max=int(c.k * T)) + 1)).long()
+            s = torch.floor(ctx.local(u, strided=True) * (torch.clamp(t, max=int(c.k * T)) + 1)).long()
             t_to = t - s
             x0_hat, eps_hat = x0_and_eps(sched, out, t, x_t)
             if sched.config.clip_sample:  # the sampler's own DDIM step clips x0_hat (diffalign.ddim.ddim_step, 3.)
@@ -167,8 +186,8 @@ class Method:
             self.d_opt.zero_grad(set_to_none=True)
             metrics.update(loss_d=float(loss_d.detach()), r1=float(r1.detach()), d_real=float(d_real.detach().mean()),
                            d_fake=float(d_fake.detach().mean()))
-        self.seen += len(x0)
-        return {**metrics, "loss": float(loss.detach()), "real_images": self.seen}
+        self.seen += n
+        return {**ctx.mean_metrics({**metrics, "loss": float(loss.detach())}), "real_images": self.seen}
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.opt.state_dict(), "seen": self.seen}

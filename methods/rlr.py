@@ -57,6 +57,8 @@ from diffalign.sampling import embed, guided_eps, replay_chain
 
 CONFIG_SECTION = "rlr"
 NEEDS_DIFFERENTIABLE_REWARD = False  # checked by the method itself: first_order=false works without
+DATA_PARALLEL = True  # each process rolls out its rows; the three terms are averaged over the processes before the
+                      # norms (the window distribution) and the update, the LOO baseline pools the whole batch
 J_DISTS = ("softmax-gradnorm", "uniform")
 HO_BASELINES = ("loo", "none")
 DEFAULTS = {
@@ -141,6 +143,8 @@ class Rollout:
     xs: list[torch.Tensor]
     noises: list[torch.Tensor | None]
     rewards: torch.Tensor
+    batch_rewards: torch.Tensor | None = None  # several processes: the whole batch's rewards (the LOO baseline's
+    rows: slice | None = None                   # pool) and this process's rows of it; None: ``rewards`` is the batch
 
 
 # A chain is any object with
@@ -176,7 +180,9 @@ def half_order_surrogate(chain, ro: Rollout, start: int, h: int, baseline: str =
         x = straight_through(ro.xs[k + 1], chain.step_mean(k, x))
     k = start + h - 1
     lp = gaussian_log_prob(ro.xs[k + 1], chain.step_mean(k, x), chain.std(k), "sum")
-    b = leave_one_out_mean(ro.rewards) if baseline == "loo" else torch.zeros_like(ro.rewards)
+    pool = ro.rewards if ro.batch_rewards is None else ro.batch_rewards
+    b = leave_one_out_mean(pool) if baseline == "loo" else torch.zeros_like(pool)
+    b = b if ro.rows is None else b[ro.rows]
     return ((ro.rewards - b).to(lp) * lp).mean()
 
 
@@ -246,8 +252,10 @@ def rlr_estimate(chain, ro: Rollout, start: int, h: int, zo_samples: int, zo_eps
 class DiffusionChain:
     """The guided DDIM sampler on one batch of prompts, seen as a chain for the estimator."""
 
-    def __init__(self, ctx, prompts: list[str], checkpointing: bool = True):
+    def __init__(self, ctx, prompts: list[str], checkpointing: bool = True, batch: int | None = None):
+        """``prompts``: this process's rows of a batch of ``batch`` (default: all of it, one process)."""
         s = ctx.cfg.sampler
+        self.batch = batch or len(prompts)
         self.ctx, self.pipe, self.prompts = ctx, ctx.pipe, prompts
         self.num_steps, self.guidance, self.eta = s.num_steps, s.guidance, s.eta
         self.params = ctx.trainable
@@ -256,7 +264,7 @@ class DiffusionChain:
         self.timesteps = set_timesteps(self.pipe.scheduler, s.num_steps)
 
     def rollout(self, x_T: torch.Tensor) -> Rollout:
-        g = self.ctx.generator
+        g = self.ctx.step_generator(self.batch)
         x = x_T * self.pipe.scheduler.init_noise_sigma
         noises = [step_noise(x, g) for _ in range(self.num_steps)]
         xs = [x] + replay_chain(self.pipe, x, noises, self.cond, self.uncond, self.num_steps, self.guidance,
@@ -264,7 +272,10 @@ class DiffusionChain:
         with torch.no_grad():
             images = self.pipe.decode(xs[-1])
         self.ctx.costs.images += x.shape[0]
-        return Rollout(xs, noises, self.ctx.score(images, self.prompts).detach())
+        r = self.ctx.score(images, self.prompts).detach()
+        if self.ctx.world == 1:
+            return Rollout(xs, noises, r)
+        return Rollout(xs, noises, r, self.ctx.gather(r), self.ctx.rows(self.batch))
 
     def std(self, k: int) -> float:
         return float(step_std(self.pipe.scheduler, int(self.timesteps[k]), self.num_steps, self.eta))
@@ -317,14 +328,14 @@ class Method:
 
     def step(self) -> dict:
         ctx, c = self.ctx, self.cfg
-        prompts = ctx.draw_prompts(c.batch_size)
-        chain = DiffusionChain(ctx, prompts, c.checkpointing)
-        ro = chain.rollout(ctx.noise(c.batch_size))
+        prompts = ctx.local(ctx.draw_prompts(c.batch_size))  # several processes: this one's rows of the batch
+        chain = DiffusionChain(ctx, prompts, c.checkpointing, c.batch_size)
+        ro = chain.rollout(ctx.local(ctx.noise(c.batch_size)))
         q = window_probs(self.norms, c.j_dist, c.j_temperature)
         start = int(torch.multinomial(q, 1, generator=ctx.generator))
         est = rlr_estimate(chain, ro, start, self.h, c.zo_samples, c.zo_eps, ctx.generator, c.first_order,
                            c.ho_baseline)
-        terms = est["terms"]
+        terms = {name: ctx.mean_tensors(g) for name, g in est["terms"].items()}  # the whole batch's terms
         weight = {"first_order": 1.0, "half_order": c.ho_weight, "zeroth_order": c.zo_weight}
         total = [sum(weight[name] * g[i] for name, g in terms.items()) for i in range(len(chain.params))]
         ctx.backward(-c.loss_coeff * _linear_surrogate(chain.params, total))
@@ -334,11 +345,12 @@ class Method:
         ho = _norm(terms["half_order"])
         old = self.norms[start]
         self.norms[start] = ho if old is None else c.j_ema * old + (1 - c.j_ema) * ho
-        r = ro.rewards.float().cpu()
+        r = (ro.rewards if ro.batch_rewards is None else ro.batch_rewards).float().cpu()
+        dirderiv = ctx.mean_over_processes(sum(est["zo_diffs"]) / len(est["zo_diffs"])) if est["zo_diffs"] \
+            else float("nan")
         out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "grad_norm": grad_norm,
                "window_start": start, "window_prob": float(q[start]),
-               "ho_norm": ho, "zo_norm": _norm(terms["zeroth_order"]),
-               "zo_dirderiv": sum(est["zo_diffs"]) / len(est["zo_diffs"]) if est["zo_diffs"] else float("nan")}
+               "ho_norm": ho, "zo_norm": _norm(terms["zeroth_order"]), "zo_dirderiv": dirderiv}
         if "first_order" in terms:
             out["fo_norm"] = _norm(terms["first_order"])
         return out

@@ -33,6 +33,7 @@ from diffalign.sampling import guided_eps, sample
 
 CONFIG_SECTION = "rlr_code"
 NEEDS_DIFFERENTIABLE_REWARD = True   # the first-order step backpropagates the reward through the last step
+DATA_PARALLEL = True  # each process samples and trains its rows of the batch; the advantages use the gathered rewards
 MAX_LOG_RATIO = 20.0                 # the code's clamp of the log importance ratio
 DEFAULTS = {
     "batch_size": 8,
@@ -85,9 +86,9 @@ class Method:
         ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         T, pipe = sampler.num_steps, ctx.pipe
         # 1. sample the chain without gradients, storing latents and step log-probs
-        prompts = ctx.draw_prompts(c.batch_size)
-        traj = sample(pipe, prompts, ctx.noise(c.batch_size), T, sampler.guidance, sampler.eta,
-                      generator=ctx.generator, costs=ctx.costs, reduction=c.logprob_reduction)
+        prompts = ctx.local(ctx.draw_prompts(c.batch_size))
+        traj = sample(pipe, prompts, ctx.local(ctx.noise(c.batch_size)), T, sampler.guidance, sampler.eta,
+                      generator=ctx.step_generator(c.batch_size), costs=ctx.costs, reduction=c.logprob_reduction)
         # 2. first order: the last step again from the stored x_{T-1}, eta = 0, with gradients (AlignProp K = 1)
         t_last, x_last = traj.timesteps[T - 1], traj.latents[:, T - 1]
         eps = guided_eps(pipe.unet, x_last, t_last, traj.cond, traj.uncond, sampler.guidance, ctx.costs,
@@ -97,8 +98,8 @@ class Method:
         ctx.backward(-c.loss_coeff * r.mean())
         grad_norm = self._update()
         # 3. half order, as released: chain_len single uniformly drawn steps, PPO-clipped, one update each
-        rewards = r.detach().float().cpu()
-        adv = batch_normalise(rewards).clamp(-c.adv_clip, c.adv_clip).to(x0.device)
+        rewards = ctx.gather(r.detach().float()).cpu()  # the whole batch (several processes: gathered)
+        adv = ctx.local(batch_normalise(rewards).clamp(-c.adv_clip, c.adv_clip)).to(x0.device)
         stats, zeroed = SurrogateStats(), 0
         for _ in range(c.chain_len):
             k = int(torch.randint(0, T, (1,), generator=ctx.generator))
@@ -119,7 +120,7 @@ class Method:
             stats.add(out)
         out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "grad_norm": grad_norm,
                "updates": 1 + c.chain_len, "ho_zeroed": zeroed}
-        summary = stats.summary()
+        summary = ctx.mean_metrics(stats.summary())
         if summary:
             out["ratio_mean"], out["clipfrac"] = summary["ratio_mean"], summary["clipfrac"]
         return out

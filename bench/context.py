@@ -154,12 +154,13 @@ class Context:
         torch.distributed.all_reduce(t)
         return {k: v / self.world for k, v in zip(keys, t.tolist())}
 
-    def mean_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each tensor averaged over the processes (one flat all-reduce); the list itself with one process."""
+    def mean_tensors(self, tensors: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        """Each tensor averaged over the processes (one flat all-reduce in ``dtype``); the list itself with one
+        process."""
         if self.world == 1 or not tensors:
             return tensors
         dev = self.accelerator.device
-        flat = torch.cat([t.reshape(-1).to(dev, torch.float64) for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(dev, dtype) for t in tensors])
         torch.distributed.all_reduce(flat)
         flat /= self.world
         out, i = [], 0
@@ -183,15 +184,8 @@ class Context:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if params:
-            flat = torch.cat([p.grad.reshape(-1).to(dev, torch.float32) for p in params])
-            torch.distributed.all_reduce(flat)
-            flat /= self.world
-            i = 0
-            for p in params:
-                n = p.numel()
-                p.grad.copy_(flat[i:i + n].view_as(p.grad))
-                i += n
+        for p, g in zip(params, self.mean_tensors([p.grad for p in params], torch.float32)):
+            p.grad.copy_(g)  # float32: a fully fine-tuned UNet's gradients stay one copy's size
         self.synced.update(id(p) for p in params)
 
     def agree_on_nonfinite(self) -> None:
@@ -205,11 +199,7 @@ class Context:
 
     def mean_over_processes(self, x: float) -> float:
         """The mean of a per-process number over the processes (a loss averaged over equal shards)."""
-        if self.world == 1:
-            return x
-        t = torch.tensor([float(x)], dtype=torch.float64, device=self.accelerator.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item()) / self.world
+        return self.mean_metrics({"x": x})["x"]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -15,7 +15,7 @@ SEEDS  ?= 0 1 2
 SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
-.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check
+.PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
 .PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
 
 setup: $(STAMP)
@@ -140,3 +140,14 @@ parity: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The benchmark's own protocol (bench/protocols/tiny-v1.yaml: every method x 4 rewards x 3 seeds at a matched budget)
+# into results/leaderboards/tiny-v1, resumable: rerun it after any interruption.  WORKERS=2 runs two drivers over the
+# same folder (they share the runs through the run folders' locks); EXECUTOR=ray [ADDRESS=...] a Ray task per run.
+PROTOCOL ?= bench/protocols/tiny-v1.yaml
+WORKERS  ?= 1
+leaderboard: $(STAMP)
+	for i in $$(seq 2 $(WORKERS)); do $(PY) -m bench leaderboard --protocol $(PROTOCOL) --executor $(EXECUTOR) \
+		$(if $(ADDRESS),--address $(ADDRESS)) > /dev/null & sleep 5; done; \
+	$(PY) -m bench leaderboard --protocol $(PROTOCOL) --executor $(EXECUTOR) $(if $(ADDRESS),--address $(ADDRESS)); \
+	wait; $(PY) -m bench leaderboard --protocol $(PROTOCOL) --tables-only

@@ -9,6 +9,7 @@
     python -m bench table [RUNS...] [--method M ...] --out STEM [--threshold T]   # STEM.md, .tex, .csv
     python -m bench report [RUNS...] [--method M ...] --out report.html
     python -m bench regress [--methods M ...] [--update [--seeds S ...] [--set K=V]]
+    python -m bench leaderboard [--protocol FILE] [--executor local|ray] [--tables-only]
 
 RUNS are run folders or folders holding them (results/runs, a sweep folder; default results/runs).
 
@@ -21,7 +22,7 @@ import argparse
 import os
 import sys
 
-from bench import regress, run, sweep
+from bench import leaderboard, regress, run, sweep
 from bench.config import resolve
 from bench.outputs import table
 from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baselines", default=os.path.join("results", "baselines"))
     g.add_argument("--out", default=os.path.join("results", "regress"), help="where the plots go")
     g.set_defaults(handler=regress.main)
+    b = sub.add_parser("leaderboard", help="run a declared protocol (every method x reward x seed), resumable, "
+                                           "and write its tables and figures")
+    b.add_argument("--protocol", help="protocol YAML (default bench/protocols/tiny-v1.yaml)")
+    b.add_argument("--root", help="results folder (default: the protocol's root)")
+    b.add_argument("--tables-only", action="store_true", help="only the tables and figures from the runs complete")
+    b.add_argument("--executor", default="local", help="local (one run after another here) | ray (each run a Ray task)")
+    b.add_argument("--address", help="ray: HOST:PORT of a running Ray head (default: a local instance)")
+    b.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs each run's task asks for (default 1)")
+    b.set_defaults(handler=leaderboard.main)
     return p
 
 

@@ -1,0 +1,550 @@
+"""The benchmark's own protocol: every method on every reward of a declared protocol, matched budget, one table.
+
+    python -m bench leaderboard [--protocol bench/protocols/tiny-v1.yaml] [--executor local|ray] [--address A]
+    python -m bench leaderboard --tables-only      # the tables and figures from what has finished so far
+    make leaderboard                               # the same, from nothing
+
+A protocol file (``bench/protocols/<name>.yaml``) names the rewards, the seeds, the budget in training images, the
+settings every run shares (the evaluation), and per method the lines that give it the budget (and where its preset's
+settings were tuned).  The leaderboard is a sweep (``bench.sweep``: the same per-run code, folders, hashes, locks and
+resume) over seed x reward x method, seed-major, so an interrupted leaderboard holds whole seeds first; rerunning it
+skips what is complete and resumes what was killed.  A method whose settings cannot train on a reward (AlignProp on a
+non-differentiable one) is refused by the harness with one line; the table shows that line instead of a number.  A
+reward-free method (``reward_free: true``: OGDM) runs once per seed and is scored on every protocol reward by the same
+evaluation (the protocol's ``eval.metrics`` hold every protocol reward).
+
+What the tables say, per reward, per method (its runs over the protocol's seeds):
+
+- **final**: the final eval reward, mean +- SE over seeds (SE over seeds; one seed: that run's per-image SE);
+- **gain in SE**: the gain over the base model (the step-0 evaluation, the same images for every run) in units of its
+  standard error.  The eval prompts and noise are the same before and after, so the gain is paired per image:
+  ``g[s, i]`` = image i's reward after training seed s minus before, ``G`` = its mean, and
+  ``SE(G)^2 = var_s(mean_i g) / S + var_i(mean_s g) / I`` (training seeds and eval images both sampled; the first
+  term is dropped with one seed).  ``beats base`` = G / SE(G) > 3;
+- held-out metrics at the end (prompt fidelity, tiny-rating, tiny-clip, FD at the protocol's NFE, KL to base) and
+  their change from the base model (fidelity's SE: binomial over the eval images, combined with the SE over seeds);
+- cost: images generated, UNet passes (forward + backward, in images), wall time of the run;
+- **cost to threshold**: the images and wall time to a gain of ``sigma`` SE (the seed's own paired gain over its
+  per-image SE); the protocol evaluates at the start and the end only, so this is the budget's cost for the seeds that
+  reach it (their count shown) and ``not reached`` otherwise;
+- **rank**: by final eval reward among the methods with a number on that reward;
+- **hacking flag**: gain in SE > ``hacking.sigma`` while fidelity or a watched held-out metric
+  (``hacking.watch``) changes by less than ``-sigma`` SE (paired, as the gain, for per-image metrics).
+
+The overall table: per method, mean rank over the rewards it ran on, the rewards it beats the base model on, flags,
+and its mean cost per run.  ``leaderboard.json`` in the root keeps the protocol (and its hash), every driver session
+(start, end, machine, executor, runs complete before and after) and the numbers; ``leaderboard.md`` the tables;
+``gains.png`` / ``.svg`` the figure (gain in SE per method, a panel per reward, the 3-SE line drawn).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from bench import sweep
+from bench.outputs.compare import RunData
+from diffalign import store
+from diffalign.errors import BenchError
+from methods import method_module
+
+DEFAULT_PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocols", "tiny-v1.yaml")
+PROTOCOL_KEYS = {"name", "version", "rewards", "seeds", "budget_images", "set", "methods", "hacking", "root"}
+METHOD_KEYS = {"set", "tuned", "reward_free"}
+FD_COL = "fd_nfe"
+
+
+# ---- the protocol ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Protocol:
+    name: str
+    version: int
+    rewards: list[str]
+    seeds: list[int]
+    budget_images: int
+    common: list[str]
+    methods: dict[str, dict]
+    sigma: float
+    watch: list[str]
+    root: str
+    text: str  # the file as read (its hash identifies the protocol)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:12]
+
+
+def load_protocol(path: str, root: str | None = None) -> Protocol:
+    """A protocol YAML, checked key by key (one line naming what is wrong and what is accepted)."""
+    if not os.path.isfile(path):
+        raise BenchError(f"protocol file {path!r} does not exist; accepted: a YAML file like {DEFAULT_PROTOCOL}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise BenchError(f"protocol file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or set(data) - PROTOCOL_KEYS or {"name", "version", "rewards", "methods"} - set(data):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise BenchError(f"protocol file {path!r} has keys {got}; accepted: {', '.join(sorted(PROTOCOL_KEYS))} "
+                         "(name, version, rewards and methods required)")
+    methods = data["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise BenchError(f"protocol file {path!r}: methods must map each method to its settings "
+                         "(set: [KEY=VALUE ...], tuned: TEXT, reward_free: true|false)")
+    for m, spec in methods.items():
+        method_module(m)  # unknown method -> one line
+        spec = methods[m] = dict(spec or {})
+        if set(spec) - METHOD_KEYS:
+            raise BenchError(f"protocol file {path!r}: method {m!r} has keys {sorted(spec)}; accepted: "
+                             f"{', '.join(sorted(METHOD_KEYS))}")
+        spec["set"] = [str(s) for s in spec.get("set", [])]
+    hacking = data.get("hacking") or {}
+    try:
+        seeds = [int(s) for s in data.get("seeds", [0])]
+        version = int(data["version"])
+    except (TypeError, ValueError):
+        raise BenchError(f"protocol file {path!r}: seeds and version must be integers") from None
+    return Protocol(name=str(data["name"]), version=version, rewards=[str(r) for r in data["rewards"]], seeds=seeds,
+                    budget_images=int(data.get("budget_images", 0)), common=[str(s) for s in data.get("set", [])],
+                    methods=methods, sigma=float(hacking.get("sigma", 3.0)), watch=list(hacking.get("watch", [])),
+                    root=root or str(data.get("root") or os.path.join(store.RESULTS_ROOT, "leaderboards",
+                                                                      str(data["name"]))),
+                    text=text)
+
+
+def plan(p: Protocol) -> list[sweep.PlannedRun]:
+    """Every run of the protocol, seed-major (seed, then reward, then method); a reward-free method once per seed,
+    under the protocol's first reward (its evaluation scores them all)."""
+    runs = []
+    for seed in p.seeds:
+        for i, reward in enumerate(p.rewards):
+            for method, spec in p.methods.items():
+                if spec.get("reward_free") and i > 0:
+                    continue
+                runs += sweep._plan_seeds(method, reward, [seed], p.common + spec["set"], p.root)
+    return runs
+
+
+# ---- running it -----------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    import torch
+
+    return {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _log_path(p: Protocol) -> str:
+    return os.path.join(p.root, "leaderboard.json")
+
+
+def _read_log(p: Protocol) -> dict:
+    path = _log_path(p)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def run(p: Protocol, executor: str = "local", address: str | None = None, cpus_per_run: float = 1,
+        log=print) -> dict[str, str]:
+    """Run (skip, resume) every run of the protocol; each driver session is logged in ``leaderboard.json``."""
+    runs = plan(p)
+    os.makedirs(p.root, exist_ok=True)
+    before = sum(sweep.status_of(r.run_dir) == "complete" for r in runs)
+    session = {"id": f"{platform.node()}:{os.getpid()}:{time.time():.0f}",
+               "start": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "end": None,
+               "executor": executor, "machine": machine(), "complete_before": before, "runs": len(runs)}
+    t0 = time.time()
+    _log_session(p, session)  # logged at its start: a driver killed mid-way leaves its start, and no end
+    log(f"leaderboard {p.name} (version {p.version}): {len(runs)} runs, {before} complete, into {p.root}")
+    outcome = sweep.run_sweep(runs, p.root, log=log, executor=executor, address=address, cpus_per_run=cpus_per_run)
+    session.update(end=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   seconds=round(time.time() - t0, 1),
+                   complete_after=sum(sweep.status_of(r.run_dir) == "complete" for r in runs))
+    _log_session(p, session, {k: v for k, v in outcome.items() if v.startswith("refused")})
+    return outcome
+
+
+def _log_session(p: Protocol, session: dict, refused: dict | None = None) -> None:
+    """Add or update one driver session in ``leaderboard.json`` (re-read first: other drivers write it too)."""
+    data = _read_log(p)
+    sessions = [s for s in data.get("sessions", []) if s.get("id") != session["id"]]
+    data["sessions"] = sessions + [dict(session)]
+    data["refused"] = {**data.get("refused", {}), **(refused or {})}
+    _write_log(p, data)
+
+
+def _write_log(p: Protocol, data: dict) -> None:
+    data.update(protocol={"name": p.name, "version": p.version, "hash": p.digest, "text": p.text})
+    store.atomic_write_json(_log_path(p), data)
+
+
+# ---- the numbers ----------------------------------------------------------------------------------------------
+
+def _paired(runs: list[RunData], column: str) -> tuple[float, float, float, float]:
+    """(base mean, final mean, gain G, SE(G)) of a per-image eval column over the runs (seeds), paired per image
+    (module docstring); NaN where a run has no such column."""
+    gains, base, final = [], [], []
+    for r in runs:
+        s = pd.read_parquet(r.folder.file(r.folder.EVAL_SAMPLES + ".parquet"))
+        col = "reward" if column == r.reward else column
+        if col not in s:
+            return (math.nan,) * 4
+        last = int(s["step"].max())
+        a = s[s["step"] == 0].sort_values(["prompt", "seed"])[col].to_numpy(float)
+        b = s[s["step"] == last].sort_values(["prompt", "seed"])[col].to_numpy(float)
+        if last == 0 or len(a) != len(b):
+            return (math.nan,) * 4
+        gains.append(b - a)
+        base.append(a.mean())
+        final.append(b.mean())
+    g = np.stack(gains)  # seeds x images
+    return float(np.mean(base)), float(np.mean(final)), float(g.mean()), paired_se(g)
+
+
+def paired_se(g: np.ndarray) -> float:
+    """SE of the mean of per-image gains ``g`` (seeds x images): the seeds' term (dropped with one seed) plus the
+    images' term, ``var_s(mean_i g) / S + var_i(mean_s g) / I``."""
+    var = g.mean(axis=1).var(ddof=1) / g.shape[0] if g.shape[0] > 1 else 0.0
+    return float(math.sqrt(var + g.mean(axis=0).var(ddof=1) / g.shape[1]))
+
+
+def _final(r: RunData, col: str) -> float:
+    v = r.df[col].dropna() if col in r.df else pd.Series(dtype=float)
+    return float(v.iloc[-1]) if len(v) else math.nan
+
+
+def _first(r: RunData, col: str) -> float:
+    v = r.df[col].dropna() if col in r.df else pd.Series(dtype=float)
+    return float(v.iloc[0]) if len(v) else math.nan
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if not math.isnan(x)], dtype=float)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+
+def _eval_images(r: RunData) -> int:
+    s = pd.read_parquet(r.folder.file(r.folder.EVAL_SAMPLES + ".parquet"), columns=["step"])
+    return int((s["step"] == 0).sum())
+
+
+def _fidelity_change(runs: list[RunData]) -> tuple[float, float, float]:
+    """(final fidelity, change from base, change in SE): fidelity is a proportion of the eval images, its SE
+    binomial, combined with the SE over seeds where there are several."""
+    base = float(np.mean([_first(r, "fidelity") for r in runs]))
+    final, seed_se = _mean_se([_final(r, "fidelity") for r in runs])
+    if math.isnan(base) or math.isnan(final):
+        return math.nan, math.nan, math.nan
+    n = _eval_images(runs[0])
+    binom = lambda p: p * (1 - p) / (n * len(runs))  # noqa: E731
+    se = math.sqrt(binom(base) + (seed_se ** 2 if not math.isnan(seed_se) else binom(final)))
+    return final, final - base, (final - base) / se if se > 0 else 0.0
+
+
+def _metric_column(metric: str) -> str:
+    """The eval_samples column of a watched metric name (``eval_tiny-rating_mean`` -> ``tiny-rating``)."""
+    return metric[len("eval_"):-len("_mean")] if metric.startswith("eval_") and metric.endswith("_mean") else metric
+
+
+def cell(p: Protocol, runs: list[RunData], reward: str) -> dict:
+    """One method's numbers on one reward (module docstring)."""
+    base, final_paired, gain, gain_se = _paired(runs, reward)
+    finals = [_final(r, "eval_reward_mean") if r.reward == reward else _final(r, f"eval_{reward}_mean") for r in runs]
+    final, final_se = _mean_se(finals)
+    if math.isnan(final_se):  # one seed: that run's per-image SE
+        col = "eval_reward_sem" if runs[0].reward == reward else f"eval_{reward}_sem"
+        final_se = _final(runs[0], col)
+    own = [_paired([r], reward) for r in runs]
+    reached = [g > p.sigma * se for _, _, g, se in own]  # this seed's own gain over its per-image SE
+    row = {"seeds": len(runs), "trained_on": runs[0].reward if not _reward_free(p, runs[0].method) else "(none)",
+           "final": final, "final_se": final_se, "base": base, "gain": gain, "gain_se": gain_se,
+           "gain_in_se": gain / gain_se if gain_se > 0 else math.nan, "reached": sum(reached)}
+    row["beats_base"] = bool(row["gain_in_se"] > p.sigma)
+    row["fidelity"], row["fidelity_change"], row["fidelity_change_in_se"] = _fidelity_change(runs)
+    for metric in ("tiny-rating", "tiny-clip"):
+        if metric != reward:
+            b, f, g, se = _paired(runs, metric)
+            row[metric], row[f"{metric}_change_in_se"] = f, g / se if se > 0 else math.nan
+    fd = sorted(c for c in runs[0].df.columns if c.startswith(FD_COL))
+    for c in fd:
+        row[c], row[f"{c}_base"] = _mean_se([_final(r, c) for r in runs])[0], _first(runs[0], c)
+    row["kl_to_base"] = _mean_se([_final(r, "kl_to_base") for r in runs])[0]
+    row["images"] = _mean_se([_final(r, "images") for r in runs])[0]
+    row["unet_passes"] = _mean_se([_final(r, "unet_fwd") + _final(r, "unet_bwd") for r in runs])[0]
+    row["wall_time_s"] = _mean_se([_final(r, "wall_time") for r in runs])[0]
+    hits = [r for r, ok in zip(runs, reached) if ok]
+    row["images_to_threshold"] = _mean_se([_final(r, "images") for r in hits])[0] if hits else math.nan
+    row["wall_time_to_threshold_s"] = _mean_se([_final(r, "wall_time") for r in hits])[0] if hits else math.nan
+    row["hacking"] = _hacking(p, row, runs, reward)
+    return row
+
+
+def _hacking(p: Protocol, row: dict, runs: list[RunData], reward: str) -> str:
+    """The flag (module docstring): which watched metrics lost more than sigma SE while the reward gained."""
+    if _reward_free(p, runs[0].method) or not row["gain_in_se"] > p.sigma:
+        return ""
+    lost = []
+    for metric in p.watch:
+        z = row["fidelity_change_in_se"] if metric == "fidelity" else row.get(f"{_metric_column(metric)}_change_in_se")
+        if z is not None and not math.isnan(z) and z < -p.sigma:
+            lost.append(f"{_metric_column(metric)} {z:+.1f} SE")
+    return ", ".join(lost)
+
+
+def _reward_free(p: Protocol, method: str) -> bool:
+    return bool(p.methods.get(method, {}).get("reward_free"))
+
+
+def build(p: Protocol) -> dict:
+    """Every cell of the leaderboard from the runs complete so far: {reward: {method: cell or status}}, overall."""
+    runs = plan(p)
+    refused = _read_log(p).get("refused", {})
+    complete: dict[tuple[str, str], list[RunData]] = {}
+    status: dict[tuple[str, str], list[str]] = {}
+    for r in runs:
+        state = sweep.status_of(r.run_dir)
+        rewards = p.rewards if _reward_free(p, r.method) else [r.reward]
+        for reward in rewards:
+            status.setdefault((reward, r.method), []).append(
+                "refused" if r.run_id in refused and state == "new" else state)
+            if state == "complete":
+                complete.setdefault((reward, r.method), []).append(RunData.read(r.run_dir))
+    table: dict[str, dict[str, dict]] = {}
+    for reward in p.rewards:
+        table[reward] = {}
+        for method in p.methods:
+            got = complete.get((reward, method), [])
+            states = status.get((reward, method), [])
+            if got:
+                entry = cell(p, sorted(got, key=lambda r: r.seed), reward)
+            else:
+                entry = {"seeds": 0}
+            entry["planned"] = len(states)
+            if "refused" in states:
+                reason = next((v for k, v in refused.items() if any(r.run_id == k and r.method == method
+                                                                    and r.reward == reward for r in runs)), "refused")
+                entry["refused"] = reason.removeprefix("refused: ")
+            table[reward][method] = entry
+        ranked = sorted((m for m, e in table[reward].items() if e.get("seeds")),
+                        key=lambda m: -table[reward][m]["final"])
+        for i, m in enumerate(ranked, 1):
+            table[reward][m]["rank"] = i
+    overall = {}
+    for method in p.methods:
+        cells = [table[rw][method] for rw in p.rewards if table[rw][method].get("seeds")]
+        overall[method] = {
+            "rewards_run": len(cells),
+            "mean_rank": float(np.mean([c["rank"] for c in cells])) if cells else math.nan,
+            "beats_base_on": [rw for rw in p.rewards if table[rw][method].get("beats_base")],
+            "hacking_on": [rw for rw in p.rewards if table[rw][method].get("hacking")],
+            "refused_on": [rw for rw in p.rewards if table[rw][method].get("refused")],
+            "wall_time_s": float(np.mean([c["wall_time_s"] for c in cells])) if cells else math.nan,
+            "images": float(np.mean([c["images"] for c in cells])) if cells else math.nan,
+        }
+    done = sum(sweep.status_of(r.run_dir) == "complete" for r in runs)
+    return {"table": table, "overall": overall, "runs_complete": done, "runs_planned": len(runs),
+            "compute_s": float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in runs
+                                   if sweep.status_of(r.run_dir) == "complete"))}
+
+
+# ---- the tables and the figure --------------------------------------------------------------------------------
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def markdown(p: Protocol, board: dict, log: dict) -> str:
+    sessions = log.get("sessions", [])
+    lines = [f"# Leaderboard {p.name} (protocol version {p.version}, hash {p.digest})", "",
+             f"{board['runs_complete']} of {board['runs_planned']} runs complete; budget {p.budget_images} training "
+             f"images per run; seeds {p.seeds}; rewards {', '.join(p.rewards)}.  Written by `python -m bench "
+             f"leaderboard` into `{p.root}`; how each number is computed: `bench/leaderboard.py`.",
+             ""]
+    if sessions:
+        wall = sum(s.get("seconds") or 0 for s in sessions)
+        killed = sum(1 for s in sessions if not s.get("end"))
+        machines = sorted({f"{s['machine']['processor']}, {s['machine']['cpus']} CPUs"
+                           + (f", {s['machine']['gpu']}" if s["machine"].get("gpu") else "") for s in sessions})
+        lines += [f"Driver sessions: {len(sessions)}" + (f" ({killed} interrupted or still running)" if killed else "")
+                  + f", {wall / 3600:.2f} h of finished drivers' wall time in all (drivers may overlap); "
+                  f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h; machine(s): "
+                  f"{'; '.join(machines)}.", ""]
+    lines += ["Gain = final eval reward minus the base model's on the same eval images, in SE (paired per image, over "
+              "seeds and images); **bold** = beats the base model by more than "
+              f"{p.sigma:g} SE.  Hacking flag: gain > {p.sigma:g} SE while "
+              f"{' or '.join(_metric_column(w) for w in p.watch)} loses more than {p.sigma:g} SE.  "
+              f"To threshold: the cost of the seeds whose own gain exceeds {p.sigma:g} SE "
+              "(evaluated at the start and the end only).", ""]
+    for reward in p.rewards:
+        rows = board["table"][reward]
+        any_row = next((e for e in rows.values() if e.get("seeds")), {})
+        base = any_row.get("base", math.nan)
+        fd_cols = sorted(k for k in any_row if k.startswith(FD_COL) and not k.endswith("_base"))
+        held = [m for m in ("tiny-rating", "tiny-clip")
+                if any(not math.isnan(e.get(m, math.nan)) for e in rows.values() if e.get("seeds"))]
+        lines += [f"## {reward}", "", f"Base model: eval reward {_f(base, 4)}, fidelity "
+                  f"{_f(any_row.get('fidelity', math.nan) - any_row.get('fidelity_change', math.nan))}"
+                  + "".join(f", FD at NFE {c[len(FD_COL):]} {_f(any_row.get(c + '_base'))}" for c in fd_cols) + ".",
+                  ""]
+        head = (["rank", "method", "seeds", "final (+- SE)", "gain (SE)", "fidelity (change in SE)"]
+                + [f"{m} (change in SE)" for m in held]
+                + [f"FD NFE {c[len(FD_COL):]}" for c in fd_cols]
+                + ["KL to base", "images", "UNet passes", "wall (s)", "to threshold (images, seeds)", "hacking"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        order = sorted(rows, key=lambda m: (rows[m].get("rank", 99), m))
+        for m in order:
+            e = rows[m]
+            if not e.get("seeds"):
+                why = f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e['planned']} seeds)"
+                lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(head) - 4))
+                continue
+            gain = f"{e['gain_in_se']:+.1f}"
+            gain = f"**{gain}**" if e["beats_base"] else gain + (" (no gain)" if e["gain_in_se"] <= 0 else "")
+            name = m + (" (reward-free)" if _reward_free(p, m) else "")
+            cells = [str(e["rank"]), name, f"{e['seeds']}/{e['planned']}",
+                     f"{_f(e['final'], 4)} +- {_f(e['final_se'], 2)}", gain,
+                     f"{_f(e['fidelity'])} ({e['fidelity_change_in_se']:+.1f})"]
+            cells += [f"{_f(e[mm])} ({e[mm + '_change_in_se']:+.1f})" for mm in held]
+            cells += [_f(e[c]) for c in fd_cols]
+            to = (f"{_f(e['images_to_threshold'])}, {e['reached']}/{e['seeds']}" if e["reached"] else "not reached")
+            cells += [_f(e["kl_to_base"]), _f(e["images"]), _f(e["unet_passes"]), _f(e["wall_time_s"]), to,
+                      e["hacking"] or ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Overall", "", f"| method | mean rank | rewards run | beats base (> {p.sigma:g} SE) on "
+              "| hacking flags | refused on | mean images / run | mean wall (s) / run | settings from |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m, o in sorted(board["overall"].items(), key=lambda kv: (math.isnan(kv[1]["mean_rank"]), kv[1]["mean_rank"])):
+        lines.append(f"| {m} | {_f(o['mean_rank'], 2)} | {o['rewards_run']} "
+                     f"| {', '.join(o['beats_base_on']) or 'none'} "
+                     f"| {', '.join(o['hacking_on']) or '-'} | {', '.join(o['refused_on']) or '-'} | {_f(o['images'])} "
+                     f"| {_f(o['wall_time_s'])} | {p.methods[m].get('tuned', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(p: Protocol, board: dict, stem: str) -> list[str]:
+    """Gain in SE per method, a panel per reward, the sigma line drawn; a method not run or refused shows none."""
+    from bench.outputs.plots import pyplot
+
+    plt = pyplot()
+    methods = list(p.methods)
+    fig, axes = plt.subplots(1, len(p.rewards), figsize=(3.2 * len(p.rewards), 0.35 * len(methods) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, reward in zip(axes[0], p.rewards):
+        rows = board["table"][reward]
+        vals = [rows[m].get("gain_in_se", math.nan) if rows[m].get("seeds") else math.nan for m in methods]
+        colours = ["tab:green" if v > p.sigma else "tab:red" if v < -p.sigma else "tab:gray" for v in vals]
+        ax.barh(range(len(methods)), [0 if math.isnan(v) else v for v in vals], color=colours)
+        for i, v in enumerate(vals):
+            if math.isnan(v):
+                ax.text(0, i, " refused" if rows[methods[i]].get("refused") else " not run", va="center", fontsize=7)
+        ax.axvline(p.sigma, color="k", ls="--", lw=0.8)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_title(reward, fontsize=9)
+        ax.set_xlabel("gain over base (SE)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{p.name}: gain in SE at {p.budget_images} training images", fontsize=9)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "svg"):
+        path = f"{stem}.{ext}"
+        tmp = f"{path}.tmp-{os.getpid()}.{ext}"
+        fig.savefig(tmp, dpi=150)
+        os.replace(tmp, path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def html_page(md: str, figure_png: str | None) -> str:
+    """The leaderboard as one self-contained HTML page: the Markdown's headings, paragraphs and tables, the figure
+    embedded (the report's style)."""
+    import html
+    import re
+
+    from bench.outputs.report import STYLE, data_uri
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            head, body = rows[0], [r for r in rows[2:]]
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{inline(line[3:])}</h2>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{inline(line[2:])}</h1>")
+            if figure_png:
+                out.append(f'<img src="{data_uri(figure_png)}" alt="gain in SE per method and reward">')
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>DiffAlign leaderboard</title>"
+            f"<link rel=icon href='data:,'><style>{STYLE}</style></head>\n<body>\n" + "\n".join(out)
+            + "\n</body></html>\n")
+
+
+def write_outputs(p: Protocol) -> list[str]:
+    """leaderboard.md, leaderboard.html, leaderboard.json (numbers), gains.png/.svg, from the runs complete so far."""
+    board = build(p)
+    log = _read_log(p)
+    log["board"] = json.loads(json.dumps(board, default=float).replace("NaN", "null"))
+    _write_log(p, log)
+    md = os.path.join(p.root, "leaderboard.md")
+    text = markdown(p, board, log)
+    store.atomic_write_text(md, text)
+    paths = [md, _log_path(p)]
+    if board["runs_complete"]:
+        paths += figure(p, board, os.path.join(p.root, "gains"))
+    page = os.path.join(p.root, "leaderboard.html")
+    store.atomic_write_text(page, html_page(text, paths[2] if board["runs_complete"] else None))
+    return paths + [page]
+
+
+def main(args) -> int:
+    p = load_protocol(args.protocol or DEFAULT_PROTOCOL, args.root)
+    if args.executor not in sweep.EXECUTORS:
+        raise BenchError(f"executor {args.executor!r}; accepted: {', '.join(sweep.EXECUTORS)}")
+    if not args.tables_only:
+        run(p, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run)
+    for path in write_outputs(p):
+        print(f"wrote {path}")
+    board = build(p) if args.tables_only else None
+    done = board["runs_complete"] if board else sum(sweep.status_of(r.run_dir) == "complete" for r in plan(p))
+    print(f"leaderboard {p.name}: {done}/{len(plan(p))} runs complete in {p.root}", file=sys.stdout)
+    return 0

@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,ray]"
+	SITE=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+		cp diffalign/_startup_hook.py $$SITE/diffalign_startup_hook.py && \
+		echo "import diffalign_startup_hook" > $$SITE/diffalign_startup_hook.pth
 	$(PY) -c "import bench, diffusers, transformers, peft, accelerate, open_clip, pandas"
 	touch $(STAMP)
 

@@ -14,6 +14,12 @@ the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta
 - with ``fd`` in ``eval.metrics``: sample quality against the number of function evaluations, the Frechet
   distance to real images at each NFE of ``eval.fd.nfe`` (``bench.quality``; at the first and last evaluation).
 
+Under several processes (data parallel, ``shard_over``) each process samples a contiguous share of the eval prompts
+(every seed of each; shares differ by at most one prompt) and their KL trajectories, and the images and KL values are
+gathered in prompt order, so every process scores the same whole set: the same numbers as one process, because an
+eval image depends only on its prompt and seed (``sample_prompts`` is bit for bit the same in any grouping of prompts,
+and the KL is one call per prompt).
+
 ``summary`` turns the first and the last evaluation into the before -> after figures of a run, with the gain in
 standard errors unpaired and paired (the same prompts and seeds before and after).  Eval samples are not counted
 as training cost.
@@ -57,6 +63,7 @@ class Evaluator:
         self.prompts = load_prompts(cfg.eval_prompts)
         self.quality = FrechetVsNFE(cfg, self.prompts) if FD_METRIC in cfg.eval.metrics else None
         self._embeddings: dict = {}
+        self.ctx = None  # data parallel: the run's Context (shard_over)
         self.judge = load_judge(project_path(cfg.judge)) if cfg.judge else None
         if self.judge is not None:  # a prompt the judge cannot read is an error now, not mid-run
             for p in self.prompts:
@@ -65,6 +72,31 @@ class Evaluator:
                 except ValueError as e:
                     raise BenchError(f"eval prompt set {cfg.eval_prompts!r}: {e}; with a judge, eval prompts "
                                      "must be tiny-world captions (set judge=null otherwise)") from None
+
+    def shard_over(self, ctx) -> "Evaluator":
+        """Split the sampling over the processes of ``ctx`` (a ``bench.context.Context``; one process: no change)."""
+        self.ctx = ctx if ctx is not None and ctx.world > 1 and len(self.prompts) >= ctx.world else None
+        return self
+
+    def _share(self, rank: int) -> range:
+        """The eval prompts (indices) of process ``rank``: contiguous, balanced."""
+        n, w = len(self.prompts), self.ctx.world
+        return range(rank * n // w, (rank + 1) * n // w)
+
+    def _gather_prompt_rows(self, local: torch.Tensor, per_prompt: int) -> torch.Tensor:
+        """Every process's rows (``per_prompt`` per eval prompt of its share) -> all prompts' rows, prompt-major.
+        The all-gather needs equal shapes, so each share is padded to the largest and the padding dropped."""
+        w = self.ctx.world
+        most = max(len(self._share(r)) for r in range(w)) * per_prompt
+        pad = local.new_zeros((most - len(local), *local.shape[1:]))
+        full = self.ctx.gather(torch.cat([local, pad]))
+        return torch.cat([full[r * most:r * most + len(self._share(r)) * per_prompt] for r in range(w)])
+
+    def _sample_all(self, pipe, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        if self.ctx is None:
+            return self.sample_prompts(pipe, noise, num_steps)
+        mine = self.sample_prompts(pipe, noise, num_steps, self._share(self.ctx.rank))
+        return self._gather_prompt_rows(mine, len(noise))
 
     def to(self, device) -> "Evaluator":
         for metric in self.heldout.values():
@@ -82,17 +114,19 @@ class Evaluator:
             self._embeddings[g] = embed(pipe, self.prompts, g)
         return self._embeddings[g]
 
-    def sample_prompts(self, pipe, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """Every eval prompt x every seed's noise with the eval sampler (DDIM, eta = 0, ``eval.guidance``) at
-        ``num_steps``: images in [0, 1] on the CPU, prompt-major; in calls of at most ``EVAL_BATCH`` images (whole
-        prompts).  The same images, bit for bit, as one call per prompt (tests/bench/test_eval_identity.py)."""
+    def sample_prompts(self, pipe, noise: torch.Tensor, num_steps: int, which: range | None = None) -> torch.Tensor:
+        """Every eval prompt (or those of ``which``) x every seed's noise with the eval sampler (DDIM, eta = 0,
+        ``eval.guidance``) at ``num_steps``: images in [0, 1] on the CPU, prompt-major; in calls of at most
+        ``EVAL_BATCH`` images (whole prompts).  The same images, bit for bit, as one call per prompt
+        (tests/bench/test_eval_identity.py)."""
         ec = self.cfg.eval
         cond, uncond = self.embeddings(pipe)
         seeds = len(noise)
         per_call = max(1, EVAL_BATCH // seeds)
+        which = range(len(self.prompts)) if which is None else which
         images = []
-        for i in range(0, len(self.prompts), per_call):
-            n = len(self.prompts[i:i + per_call])
+        for i in range(which.start, which.stop, per_call):
+            n = len(range(i, min(i + per_call, which.stop)))
             emb = (cond[i:i + n].repeat_interleave(seeds, 0),
                    uncond[i:i + n].repeat_interleave(seeds, 0) if uncond is not None else None)
             rows = [p for p in self.prompts[i:i + n] for _ in range(seeds)]
@@ -108,8 +142,8 @@ class Evaluator:
         ec, device = self.cfg.eval, pipe.device
         # 1. the fixed eval noise: seed s for the s-th image of every prompt; the prompts' text embeddings (once)
         noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
-        # 2. the deterministic eval sampler, every prompt x seed at once (prompt-major)
-        images = self.sample_prompts(pipe, noise, ec.num_steps)
+        # 2. the deterministic eval sampler, every prompt x seed at once (prompt-major; shared over the processes)
+        images = self._sample_all(pipe, noise, ec.num_steps)
         prompts = [p for p in self.prompts for _ in range(ec.num_seeds)]
         on_device = images.to(device)
         # 3. the training reward, then every held-out metric, on the same images
@@ -144,15 +178,19 @@ class Evaluator:
         elif ec.kl_seeds:
             k, sg = ec.kl_seeds, self.cfg.sampler.guidance
             kc, ku = self.embeddings(pipe, sg)
-            kls = [kl_to_base(pipe, [p] * k, noise[:k], self.cfg.sampler.num_steps, sg, 1.0,
+            which = range(len(self.prompts)) if self.ctx is None else self._share(self.ctx.rank)
+            kls = [kl_to_base(pipe, [self.prompts[i]] * k, noise[:k], self.cfg.sampler.num_steps, sg, 1.0,
                               torch.Generator().manual_seed(KL_SEED),
                               embeddings=(kc[i:i + 1].expand(k, -1, -1), ku[i:i + 1].expand(k, -1, -1)
                                           if ku is not None else None))
-                   for i, p in enumerate(self.prompts)]
-            out["kl_to_base"] = float(torch.cat(kls).mean())
+                   for i in which]
+            kl = torch.cat(kls).double().cpu() if kls else torch.zeros(0, dtype=torch.float64)
+            if self.ctx is not None:
+                kl = self._gather_prompt_rows(kl, k)
+            out["kl_to_base"] = float(kl.mean())
         # 6. sample quality against NFE: the Frechet distance to real images
         if self.quality is not None and self.quality.due(step, final):
-            out.update(self.quality(pipe, lambda n: self.sample_prompts(pipe, noise, n), images))
+            out.update(self.quality(pipe, lambda n: self._sample_all(pipe, noise, n), images))
         return Evaluation(out, samples, images, prompts)
 
     def summary(self, first: dict, last: dict, samples: list[dict], step: int) -> dict:

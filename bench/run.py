@@ -123,6 +123,7 @@ class Run:
         self.ctx = Context(cfg=cfg, pipe=pipe, reward=reward, train_prompts=train_prompts,
                            generator=torch.Generator().manual_seed(cfg.seed), costs=Costs(),
                            accelerator=accelerator, trainable=trainable)
+        self.evaluator.shard_over(self.ctx)  # several processes: each samples its share of the eval prompts
         self.method = self.method_module.Method(self.ctx)
         self.trackers = Trackers((cfg.get("trackers") or []) if self.main else [], folder.path,
                                  config=dict(cfg))  # checks packages now

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -104,12 +105,38 @@ def test_two_processes_give_the_one_process_run(method, small_pixel_pipeline_dir
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))  # one run folder, the same files
 
 
+def test_accelerate_launch_runs_the_same_two_processes(small_pixel_pipeline_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m bench run ...` (on CPU: torchrun's processes under
+    accelerate's launcher, gloo) gives the 1-process run.  Its CLI imports torchvision before any project code, so it
+    needs the environment's startup hook (diffalign/_startup_hook.py, which make setup installs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffalign_startup_hook") is None:
+        pytest.skip("the environment's startup hook is not installed (make setup installs it)")
+    args = _args(small_pixel_pipeline_dir, tmp_path, "alignprop")
+    one, two = str(tmp_path / "one"), str(tmp_path / "acc")
+    assert _bench(["run", "--method", "alignprop", "--out", one, *_sets(args)]).returncode == 0
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                        str(_port(3)), "-m", "bench", "run", "--method", "alignprop", "--out", two, *_sets(args)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(two, "manifest.json")))["processes"] == 2
+    a, b = metrics_of(one).drop(columns=VOLATILE), metrics_of(two).drop(columns=VOLATILE)
+    pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
+    num = [c for c in a.columns if c not in EXACT and pd.api.types.is_numeric_dtype(a[c])]
+    np.testing.assert_allclose(b[num].to_numpy(float), a[num].to_numpy(float), rtol=1e-3, atol=1e-5, equal_nan=True)
+
+
 def test_killed_process_stops_the_other_and_the_run_resumes_on_two(small_pixel_pipeline_dir, tmp_path):
     args = _args(small_pixel_pipeline_dir, tmp_path, "alignprop")
     folder = str(tmp_path / "killed")
     r = _bench(["run", "--method", "alignprop", "--out", folder, *_sets(args)], procs=2, port=_port(1),
                env={run.CRASH_ENV: "3", run.CRASH_RANK_ENV: "1"}, timeout=120)
+    ended = time.time()
     assert r.returncode != 0
+    # process 1 dies in step 3, right after the step-2 checkpoint's last write: the other has exited within 60 s
+    assert ended - os.stat(os.path.join(folder, "metrics.parquet")).st_mtime < 60
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith(("error:", "interrupted:"))]
     assert len(lines) == 1 and "process 0 of 2" in lines[0] or "interrupted" in lines[0], r.stderr[-3000:]
     assert metrics_of(folder)["step"].max() == 2  # the checkpoint of step 2 is what is left

@@ -42,3 +42,40 @@ def test_the_evaluation_gives_the_recorded_numbers():
             assert same(got.metrics[k], v), (k, got.metrics[k], v)
         assert all(same(s["reward"], r) for s, r in zip(got.samples, want["rewards"]))
     assert same(float(second.images.double().sum()), ref["step10"]["image_sum"])
+
+
+class _Shard:
+    """A stand-in for the run's Context as one of ``world`` processes: ``gather`` returns what every process's
+    padded share would give (computed here, one after another, instead of by an all-gather)."""
+
+    def __init__(self, world, rank, shares):
+        self.world, self.rank, self.shares = world, rank, shares
+
+    def gather(self, t):
+        return torch.cat(self.shares)
+
+
+def test_the_evaluation_split_over_processes_gives_the_whole_set(small_pixel_pipeline_dir, tmp_path):
+    """5 eval prompts over 3 processes (shares of 1, 2, 2 prompts, padded to 2 for the all-gather): each process's
+    share, gathered, is bit for bit the one-process eval images, and the KL values in prompt order."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle\nthree red circles\na blue square\n")
+    cfg = resolve("alignprop", [f"model={small_pixel_pipeline_dir}", f"eval_prompts={prompts}", "eval.num_seeds=3",
+                                "eval.num_steps=2", "sampler.num_steps=2", "reward=saturation"])
+    pipe = load_pipeline(cfg.model)
+    ev = Evaluator(cfg, get_reward(cfg.reward))
+    noise = torch.cat([torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    whole = ev.sample_prompts(pipe, noise, 2)
+    world = 3
+    ev.ctx = _Shard(world, 0, [])
+    shares = [ev._share(r) for r in range(world)]
+    assert [len(s) for s in shares] == [1, 2, 2] and [i for s in shares for i in s] == list(range(5))
+    local = [ev.sample_prompts(pipe, noise, 2, s) for s in shares]
+    padded = [torch.cat([x, x.new_zeros((6 - len(x), *x.shape[1:]))]) for x in local]
+    for rank in range(world):
+        ev.ctx = _Shard(world, rank, padded)
+        got = ev._gather_prompt_rows(local[rank], 3)
+        assert torch.equal(got, whole)  # the same bits, in prompt-major order, padding dropped
+    kl = [torch.arange(len(s) * 2, dtype=torch.float64) + 10 * s.start for s in shares]
+    ev.ctx = _Shard(world, 2, [torch.cat([x, x.new_zeros(4 - len(x))]) for x in kl])
+    assert torch.equal(ev._gather_prompt_rows(kl[2], 2), torch.cat(kl))

@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity
+.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -140,6 +140,10 @@ base-quality: $(STAMP)
 # ImageReward parity: the original image-reward package (own venv, .parity-venv) vs rewards/imagereward.py
 parity: $(STAMP)
 	PY=$(PY) bash parity/imagereward.sh
+
+# trl 0.23.1's AlignPropTrainer and DDPOTrainer beside ours (own venv, .peers-venv): s/step, peak memory, DDIM log-prob
+peers: $(STAMP)
+	PY=$(PY) bash parity/peers.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -293,7 +293,38 @@ def cell(p: Protocol, runs: list[RunData], reward: str) -> dict:
     row["images_to_threshold"] = _mean_se([_final(r, "images") for r in hits])[0] if hits else math.nan
     row["wall_time_to_threshold_s"] = _mean_se([_final(r, "wall_time") for r in hits])[0] if hits else math.nan
     row["hacking"] = _hacking(p, row, runs, reward)
+    row["diagnosis"] = "" if row["beats_base"] else _diagnosis(p, runs)
     return row
+
+
+def _series_ends(runs: list[RunData], col: str) -> tuple[float, float]:
+    """The mean over seeds of a training metric's first and last logged values."""
+    firsts, lasts = [], []
+    for r in runs:
+        v = r.df[col].dropna() if col in r.df else pd.Series(dtype=float)
+        if len(v):
+            firsts.append(float(v.iloc[0]))
+            lasts.append(float(v.iloc[-1]))
+    return (float(np.mean(firsts)), float(np.mean(lasts))) if firsts else (math.nan, math.nan)
+
+
+def _diagnosis(p: Protocol, runs: list[RunData]) -> str:
+    """One measured line for a method that did not beat the base model: what its own training signal did (the
+    training batches' reward for the sampling methods, the implicit preference accuracy for the pair methods) and how
+    far it moved from the base model (KL); ``build`` adds how that KL compares with the methods that did gain."""
+    if _reward_free(p, runs[0].method):
+        return "reward-free: this reward was never its objective; the change is a side effect of its own training"
+    parts = []
+    if "reward_mean" in runs[0].df:
+        a, b = _series_ends(runs, "reward_mean")
+        parts.append(f"training-batch reward {a:.3g} -> {b:.3g} (first -> last step)")
+    if "implicit_accuracy" in runs[0].df:
+        a, b = _series_ends(runs, "implicit_accuracy")
+        parts.append(f"implicit preference accuracy {a:.2f} -> {b:.2f} on its pairs")
+    skipped = sum(_final(r, "skipped_updates") for r in runs)
+    if skipped:
+        parts.append(f"{skipped:.0f} updates skipped (non-finite)")
+    return "; ".join(parts)
 
 
 def _hacking(p: Protocol, row: dict, runs: list[RunData], reward: str) -> str:
@@ -342,6 +373,13 @@ def build(p: Protocol) -> dict:
                                                                     and r.reward == reward for r in runs)), "refused")
                 entry["refused"] = reason.removeprefix("refused: ")
             table[reward][method] = entry
+        gainers = [e["kl_to_base"] for e in table[reward].values() if e.get("beats_base")]
+        for e in table[reward].values():
+            if e.get("seeds") and not e.get("beats_base") and not math.isnan(e.get("kl_to_base", math.nan)):
+                kl = f"KL to base {e['kl_to_base']:.3g}"
+                if gainers:
+                    kl += f" ({e['kl_to_base'] / float(np.median(gainers)):.2g}x the median of the methods that gained)"
+                e["diagnosis"] = "; ".join(x for x in (e["diagnosis"], kl) if x)
         ranked = sorted((m for m, e in table[reward].items() if e.get("seeds")),
                         key=lambda m: -table[reward][m]["final"])
         for i, m in enumerate(ranked, 1):
@@ -430,6 +468,9 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                       e["hacking"] or ""]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        notes = [f"- {m}: {rows[m]['diagnosis']}" for m in order if rows[m].get("seeds") and rows[m].get("diagnosis")]
+        if notes:
+            lines += ["No gain above " + f"{p.sigma:g} SE, measured (means over seeds):", "", *notes, ""]
     lines += ["## Overall", "", f"| method | mean rank | rewards run | beats base (> {p.sigma:g} SE) on "
               "| hacking flags | refused on | mean images / run | mean wall (s) / run | settings from |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--protocol", help="protocol YAML (default bench/protocols/tiny-v1.yaml)")
     b.add_argument("--root", help="results folder (default: the protocol's root)")
     b.add_argument("--tables-only", action="store_true", help="only the tables and figures from the runs complete")
+    b.add_argument("--readme", metavar="FILE", help="also put the summary into FILE between its leaderboard markers")
     b.add_argument("--executor", default="local", help="local (one run after another here) | ray (each run a Ray task)")
     b.add_argument("--address", help="ray: HOST:PORT of a running Ray head (default: a local instance)")
     b.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs each run's task asks for (default 1)")

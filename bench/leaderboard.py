@@ -2,6 +2,7 @@
 
     python -m bench leaderboard [--protocol bench/protocols/tiny-v1.yaml] [--executor local|ray] [--address A]
     python -m bench leaderboard --tables-only      # the tables and figures from what has finished so far
+    python -m bench leaderboard --tables-only --readme README.md   # and the README's summary (between its markers)
     make leaderboard                               # the same, from nothing
 
 A protocol file (``bench/protocols/<name>.yaml``) names the rewards, the seeds, the budget in training images, the
@@ -34,7 +35,8 @@ What the tables say, per reward, per method (its runs over the protocol's seeds)
 The overall table: per method, mean rank over the rewards it ran on, the rewards it beats the base model on, flags,
 and its mean cost per run.  ``leaderboard.json`` in the root keeps the protocol (and its hash), every driver session
 (start, end, machine, executor, runs complete before and after) and the numbers; ``leaderboard.md`` the tables;
-``gains.png`` / ``.svg`` the figure (gain in SE per method, a panel per reward, the 3-SE line drawn).
+``gains.png`` / ``.svg`` the figure (gain in SE per method, a panel per reward, the 3-SE line drawn); ``summary.md`` a
+line per method (what the README shows, between its ``<!-- leaderboard NAME -->`` markers, with ``--readme``).
 """
 from __future__ import annotations
 
@@ -308,19 +310,34 @@ def _series_ends(runs: list[RunData], col: str) -> tuple[float, float]:
     return (float(np.mean(firsts)), float(np.mean(lasts))) if firsts else (math.nan, math.nan)
 
 
+def _batch_z(r: RunData) -> float:
+    """A run's training-batch reward change, last step minus first, in units of the two batches' standard error."""
+    d = r.df.dropna(subset=["reward_mean", "reward_std"])
+    if len(d) < 2:
+        return math.nan
+    n = max(float(d["images"].iloc[0]), 1.0)  # the first step's images: one step's batch
+    se = math.sqrt((d["reward_std"].iloc[0] ** 2 + d["reward_std"].iloc[-1] ** 2) / n)
+    return float((d["reward_mean"].iloc[-1] - d["reward_mean"].iloc[0]) / se) if se > 0 else math.nan
+
+
 def _diagnosis(p: Protocol, runs: list[RunData]) -> str:
     """One measured line for a method that did not beat the base model: what its own training signal did (the
-    training batches' reward for the sampling methods, the implicit preference accuracy for the pair methods) and how
-    far it moved from the base model (KL); ``build`` adds how that KL compares with the methods that did gain."""
+    training batches' reward for the sampling methods, rose / fell / stayed flat = beyond +-2 of its SE; the implicit
+    preference accuracy for the pair methods, "fits its pairs" = 0.75 or more at the end) and how far it moved from the
+    base model (KL); ``build`` adds how that KL compares with the methods that did gain."""
     if _reward_free(p, runs[0].method):
         return "reward-free: this reward was never its objective; the change is a side effect of its own training"
     parts = []
     if "reward_mean" in runs[0].df:
         a, b = _series_ends(runs, "reward_mean")
-        parts.append(f"training-batch reward {a:.3g} -> {b:.3g} (first -> last step)")
+        z = float(np.nanmean([_batch_z(r) for r in runs]))
+        trend = "rose" if z > 2 else "fell" if z < -2 else "stayed flat"
+        parts.append(f"its training batches' reward {trend} ({a:.3g} -> {b:.3g}, {z:+.1f} batch SE, first -> last "
+                     "step)")
     if "implicit_accuracy" in runs[0].df:
         a, b = _series_ends(runs, "implicit_accuracy")
-        parts.append(f"implicit preference accuracy {a:.2f} -> {b:.2f} on its pairs")
+        fit = "it fits its pairs" if b >= 0.75 else "it does not fit its pairs"
+        parts.append(f"{fit} (implicit preference accuracy {a:.2f} -> {b:.2f}) but the eval reward did not follow")
     skipped = sum(_final(r, "skipped_updates") for r in runs)
     if skipped:
         parts.append(f"{skipped:.0f} updates skipped (non-finite)")
@@ -482,6 +499,48 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(p: Protocol, board: dict) -> str:
+    """Per method, one bullet: the rewards it beats the base model on (gain, and what it cost in fidelity and the
+    held-out rating), the rewards it did not (the measured line), refusals, hacking flags.  What the README shows."""
+    lines = [f"At {p.budget_images} training images, {len(p.seeds)} seeds ({board['runs_complete']} of "
+             f"{board['runs_planned']} runs complete); gain and changes in SE over the base model "
+             f"(`{os.path.join(p.root, 'leaderboard.md')}` has every number):", ""]
+    for m in p.methods:
+        wins, fails, refused = [], [], []
+        for reward in p.rewards:
+            e = board["table"][reward][m]
+            if e.get("refused"):
+                refused.append(f"{reward} ({e['refused'].split(';')[0]})")
+            elif not e.get("seeds"):
+                fails.append(f"{reward}: not run yet")
+            elif e["beats_base"]:
+                cost = f"fidelity {e['fidelity_change_in_se']:+.1f}"
+                if "tiny-rating_change_in_se" in e:
+                    cost += f", tiny-rating {e['tiny-rating_change_in_se']:+.1f}"
+                wins.append(f"{reward} ({e['gain_in_se']:+.1f}; {cost}"
+                            + (f"; **hacking flag: {e['hacking']}**" if e["hacking"] else "") + ")")
+            else:
+                fails.append(f"{reward} ({e['gain_in_se']:+.1f}): {e.get('diagnosis', '')}")
+        text = f"- **{m}** beats the base model on " + ("; ".join(wins) if wins else "no reward") + "."
+        if fails:
+            text += " No 3-SE gain on " + "; ".join(fails) + "."
+        if refused:
+            text += " Refused on " + "; ".join(refused) + "."
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, p: Protocol, text: str) -> None:
+    """Replace what stands between ``<!-- leaderboard NAME -->`` and ``<!-- /leaderboard NAME -->`` in ``path``."""
+    start, end = f"<!-- leaderboard {p.name} -->", f"<!-- /leaderboard {p.name} -->"
+    with open(path) as f:
+        page = f.read()
+    if start not in page or end not in page:
+        raise BenchError(f"{path!r} has no '{start}' ... '{end}' markers; accepted: a file holding both")
+    head, rest = page.split(start, 1)
+    store.atomic_write_text(path, head + start + "\n" + text + rest[rest.index(end):])
+
+
 def figure(p: Protocol, board: dict, stem: str) -> list[str]:
     """Gain in SE per method, a panel per reward, the sigma line drawn; a method not run or refused shows none."""
     from bench.outputs.plots import pyplot
@@ -572,6 +631,8 @@ def write_outputs(p: Protocol) -> list[str]:
     paths = [md, _log_path(p)]
     if board["runs_complete"]:
         paths += figure(p, board, os.path.join(p.root, "gains"))
+    store.atomic_write_text(os.path.join(p.root, "summary.md"), summary(p, board))
+    paths.append(os.path.join(p.root, "summary.md"))
     page = os.path.join(p.root, "leaderboard.html")
     store.atomic_write_text(page, html_page(text, paths[2] if board["runs_complete"] else None))
     return paths + [page]
@@ -585,6 +646,10 @@ def main(args) -> int:
         run(p, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run)
     for path in write_outputs(p):
         print(f"wrote {path}")
+    if args.readme:
+        with open(os.path.join(p.root, "summary.md")) as f:
+            update_readme(args.readme, p, f.read())
+        print(f"updated {args.readme}")
     board = build(p) if args.tables_only else None
     done = board["runs_complete"] if board else sum(sweep.status_of(r.run_dir) == "complete" for r in plan(p))
     print(f"leaderboard {p.name}: {done}/{len(plan(p))} runs complete in {p.root}", file=sys.stdout)

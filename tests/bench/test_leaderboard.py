@@ -114,7 +114,7 @@ def test_tables_hold_the_runs_own_numbers(board):
     assert {sat["alignprop"]["rank"], sat["ddpo"]["rank"]} == {1, 2}
     assert (sat["alignprop"]["rank"] == 1) == (sat["alignprop"]["final"] > sat["ddpo"]["final"])
     for e in (sat["alignprop"], sat["ddpo"]):  # a method without a 3-SE gain gets its measured line
-        assert e["beats_base"] or ("training-batch reward" in e["diagnosis"] and "KL to base" in e["diagnosis"])
+        assert e["beats_base"] or ("training batches' reward" in e["diagnosis"] and "KL to base" in e["diagnosis"])
     assert b["table"]["jpeg-incompressibility"]["alignprop"]["seeds"] == 0
     assert "not differentiable" in b["table"]["jpeg-incompressibility"]["alignprop"]["refused"]
     assert b["overall"]["alignprop"]["refused_on"] == ["jpeg-incompressibility"]

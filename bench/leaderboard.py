@@ -336,8 +336,9 @@ def _diagnosis(p: Protocol, runs: list[RunData]) -> str:
                      "step)")
     if "implicit_accuracy" in runs[0].df:
         a, b = _series_ends(runs, "implicit_accuracy")
-        fit = "it fits its pairs" if b >= 0.75 else "it does not fit its pairs"
-        parts.append(f"{fit} (implicit preference accuracy {a:.2f} -> {b:.2f}) but the eval reward did not follow")
+        acc = f"implicit preference accuracy {a:.2f} -> {b:.2f}"
+        parts.append(f"it fits its pairs ({acc}) but the eval reward did not follow" if b >= 0.75
+                     else f"it does not fit its pairs ({acc})")
     skipped = sum(_final(r, "skipped_updates") for r in runs)
     if skipped:
         parts.append(f"{skipped:.0f} updates skipped (non-finite)")

@@ -127,23 +127,30 @@ def _select(args, complete_only: bool) -> list[RunData]:
     return select_runs(args.runs, args.method, args.reward, args.tag, complete_only=complete_only)
 
 
+def _say(line: str) -> None:
+    """One line to stderr in a single write, so the lines of several processes sharing the stream (torchrun,
+    accelerate) never land on one line (print writes the text and its newline separately)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 2
     except run.Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+        _say(f"interrupted: {e}")
         return run.EXIT_INTERRUPTED
     except RuntimeError as e:  # a data-parallel run whose other processes are gone (gloo / NCCL)
         if run.launched_processes() == 1 or not run.is_collective_failure(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"error: process {os.environ.get('RANK', '?')} of {run.launched_processes()} lost the others ({first}); "
-              "the run folder keeps its last checkpoint: resume it with the same number of processes "
-              "(bench run --resume RUN_DIR)", file=sys.stderr)
+        _say(f"error: process {os.environ.get('RANK', '?')} of {run.launched_processes()} lost the others ({first}); "
+             "the run folder keeps its last checkpoint: resume it with the same number of processes "
+             "(bench run --resume RUN_DIR)")
         return 1
 
 

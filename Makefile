@@ -97,16 +97,16 @@ paper: $(STAMP)
 	$(PY) -m bench report $(SWEEP) --out $(OUT)/report.html
 
 # Where one optimizer step's time goes against its UNet-pass floor, per method, and how cost grows with the work
-# (bench/perf.py; one process per measurement): docs/perf.json, docs/perf.md, docs/perf/*.png.  About 15 minutes.
+# (bench/tools/perf.py; one process per measurement): docs/perf.json, docs/perf.md, docs/perf/*.png.  About 15 minutes.
 perf: $(STAMP)
-	$(PY) -m bench.perf --out docs
+	$(PY) -m bench.tools.perf --out docs
 
-# One GPU with an SD 1.5-sized random-weight model (bench/gpu_check.py): AlignProp K = 1 at batch 1/2/4, DDPO's
+# One GPU with an SD 1.5-sized random-weight model (bench/tools/gpu_check.py): AlignProp K = 1 at batch 1/2/4, DDPO's
 # sampling and training at batch 8, the UNet's achieved FLOP/s, every method on the tiny world on CUDA:
 # docs/gpu_check.json and docs/gpu_check.md.  About 4 minutes on one H200; refuses with one line without a GPU
-# (its CPU tiny mode, python -m bench.gpu_check --tiny, runs in make test).
+# (its CPU tiny mode, python -m bench.tools.gpu_check --tiny, runs in make test).
 gpu-check: $(STAMP)
-	$(PY) -m bench.gpu_check --out docs
+	$(PY) -m bench.tools.gpu_check --out docs
 
 # CI regression of reward curves against results/baselines/ (what .ci/run does after the tests).
 regress: $(STAMP)
@@ -135,7 +135,7 @@ tiny-pairs: $(STAMP)
 
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)
-	$(PY) -m bench.tinyworld.base_quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
+	$(PY) -m bench.tools.base_quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
 
 # ImageReward parity: the original image-reward package (own venv, .parity-venv) vs rewards/imagereward.py
 parity: $(STAMP)

@@ -22,8 +22,9 @@ import argparse
 import os
 import sys
 
-from bench import leaderboard, regress, run, sweep
-from bench.config import resolve
+from bench.core import run
+from bench.core.config import resolve
+from bench.drivers import leaderboard, regress, sweep
 from bench.outputs import table
 from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side
 from bench.outputs.report import write_report

@@ -10,7 +10,7 @@ A method module defines
     Method(ctx)     with ``step() -> dict`` (one optimizer update, returns its metrics),
                     ``state_dict()`` and ``load_state_dict()`` (optimizer and any other state)
 
-``ctx`` is ``bench.context.Context``: the pipeline with its LoRA, the reward, the prompts, the RNG and the cost
+``ctx`` is ``bench.core.context.Context``: the pipeline with its LoRA, the reward, the prompts, the RNG and the cost
 counters.  Methods never import each other, nor ``bench``; shared machinery lives in ``diffalign``.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`make peers`: our AlignProp and DDPO beside trl 0.23.1's AlignPropTrainer and DDPOTrainer, in one run.
 
-Both sides train the same small random-weight latent Stable Diffusion folder (``bench.perf.latent_pipeline``: SD v1
-scheduler, a VAE, the tiny world's text encoder) on the same prompts (tiny-train) with the same work per step, on 1
-thread, in alternating rounds (ours, then trl's, per method per round) so that drift of the machine hits both:
+Both sides train the same small random-weight latent Stable Diffusion folder (``bench.tools.perf.latent_pipeline``:
+SD v1 scheduler, a VAE, the tiny world's text encoder) on the same prompts (tiny-train) with the same work per step,
+on 1 thread, in alternating rounds (ours, then trl's, per method per round) so that drift of the machine hits both:
 
 - AlignProp: batch 8, 10 DDIM steps at eta 0, CFG 3, gradients through the last K = 2 steps, LoRA rank 4 (alpha 4,
   gaussian init) on to_q/to_k/to_v/to_out.0, AdamW, clip 5, the saturation reward (written out on trl's side);
@@ -13,8 +13,8 @@ thread, in alternating rounds (ours, then trl's, per method per round) so that d
 What differs in the work (stated in docs/peers.md): trl runs AlignProp's truncated steps under autograd with gradient
 checkpointing and discards their gradient (ours runs them without autograd); trl writes no checkpoint in these steps
 (save_freq beyond the run) while our step includes its amortised checkpoint and metrics row (``store`` in
-``bench.perf``'s breakdown, reported apart); loss scales and weight decay differ (no effect on time).  Ours is measured
-by ``bench.perf --one`` (one process per measurement: its peak resident set is its own), trl's by
+``bench.tools.perf``'s breakdown, reported apart); loss scales and weight decay differ (no effect on time).
+Ours is measured by ``bench.tools.perf --one`` (one process per measurement: its peak resident set is its own), trl's by
 ``parity/peers_trl.py`` in .peers-venv.  The same environment checks trl's DDIM step log-prob (``scheduler_step``,
 mean reduction) against ours (``diffalign.ddim.ddim_step``) at eta 0.5 and 1, every step of a 10-step schedule.
 
@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from bench.perf import latent_pipeline
+from bench.tools.perf import latent_pipeline
 from diffalign.ddim import ddim_step
 from diffalign.pipeline import load_pipeline
 from diffalign.store import PROJECT_ROOT, atomic_write_json, atomic_write_text
@@ -57,7 +57,8 @@ OURS = {
 def ours(method: str, model: str, steps: int) -> dict:
     sets = [f"model={model}", "judge=null", "reward=saturation", "threads=1", *OURS[method]]
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "bench.perf", "--one", method, "--steps", str(steps), "--set", *sets],
+    r = subprocess.run([sys.executable, "-m", "bench.tools.perf", "--one", method, "--steps", str(steps),
+                        "--set", *sets],
                        cwd=PROJECT_ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"peers: our {method} failed: {r.stderr.strip().splitlines()[-1:]}")

@@ -11,9 +11,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import diffalign  # noqa: F401  (the torchvision shim, before anything imports transformers or peft)
-from bench import cli, run
-from bench.config import resolve
-from bench.context import Context
+from bench import cli
+from bench.core import run
+from bench.core.config import resolve
+from bench.core.context import Context
 from bench.tinyworld import models as tiny_models
 from diffalign.costs import Costs
 from diffalign.lora import add_lora

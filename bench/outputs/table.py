@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from bench.outputs.compare import RunData, group_label
-from bench.outputs.quality import FD_COLUMN, sweep_markdown
+from bench.outputs.fd_tables import FD_COLUMN, sweep_markdown
 from diffalign import store
 from diffalign.errors import BenchError
 

@@ -4,7 +4,7 @@
     models.py         the tiny text-to-image stack's architectures, saved in the diffusers folder layout
     pretrain.py       the base model's training recipe (``make base-model``)
     train_rewards.py  tiny-clip, tiny-aesthetic, tiny-count (``make tiny-rewards``)
-    base_quality.py   the base model's fidelity as the judge reads it (``make base-quality``)
 
+The base model's fidelity as the judge reads it is a tool: ``bench/tools/base_quality.py`` (``make base-quality``).
 The world itself (grammar, renderer, hidden rating) is ``diffalign/world.py``: rewards and tests use it too.
 """

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, VOLATILE, metrics_of
 
-from bench import run
+from bench.core import run
 from methods import METHODS, method_module
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from bench.config import resolve
-from bench.evaluate import Evaluator
+from bench.core.config import resolve
+from bench.core.evaluate import Evaluator
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline
 from rewards import get_reward

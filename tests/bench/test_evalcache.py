@@ -1,4 +1,4 @@
-"""The step-0 evaluation cache (bench/evalcache.py): a second run with the same base model and eval settings reuses
+"""The step-0 evaluation cache (bench/core/evalcache.py): a second run with the same base model and eval settings reuses
 the first one's evaluation, and its numbers are the ones a fresh evaluation gives, bit for bit; a change of the
 eval settings or of the eval's code is a different key."""
 import json
@@ -7,8 +7,8 @@ import os
 import pandas as pd
 from conftest import small_run_args
 
-from bench import evalcache, run
-from bench.config import resolve
+from bench.core import evalcache, run
+from bench.core.config import resolve
 
 STEP0 = ["eval_reward_mean", "eval_reward_std", "eval_reward_sem", "win_rate", "fidelity", "kl_to_base",
          "eval_tiny-clip_mean", "eval_tiny-clip_sem"]

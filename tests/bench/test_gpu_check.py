@@ -1,10 +1,10 @@
-"""make gpu-check (bench/gpu_check.py) in its CPU tiny mode, so the script cannot rot: every section measures what it
-says, through the harness's own run objects; without a GPU the full check refuses with one line."""
+"""make gpu-check (bench/tools/gpu_check.py) in its CPU tiny mode, so the script cannot rot: every section measures
+what it says, through the harness's own run objects; without a GPU the full check refuses with one line."""
 import json
 
 import pytest
 
-from bench import gpu_check
+from bench.tools import gpu_check
 from diffalign.errors import BenchError
 
 

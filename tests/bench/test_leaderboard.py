@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from bench import cli, leaderboard, run, sweep
+from bench import cli
+from bench.core import run
+from bench.drivers import leaderboard, sweep
 from methods import METHODS
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,9 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from bench import cli, run, sweep
+from bench import cli
+from bench.core import run
+from bench.drivers import sweep
 from bench.outputs import compare, table
 from bench.outputs.plots import CELL, GAP, LABEL_W, read_grid_cells
 

@@ -1,9 +1,9 @@
-"""make perf (bench/perf.py) on the small pipeline, so it cannot rot: the parts add up to the step, the floor counts
-the passes the method made, and the timing wrappers leave nothing behind."""
+"""make perf (bench/tools/perf.py) on the small pipeline, so it cannot rot: the parts add up to the step, the floor
+counts the passes the method made, and the timing wrappers leave nothing behind."""
 from conftest import small_run_args
 
-from bench import perf
-from bench.context import GuardedOptimizer
+from bench.core.context import GuardedOptimizer
+from bench.tools import perf
 
 
 def test_one_measurement_adds_up_and_counts_the_methods_passes(small_pixel_pipeline_dir, tmp_path):

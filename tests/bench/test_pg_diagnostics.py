@@ -1,10 +1,10 @@
-"""bench.pg_diagnostics: the per-step noise scales and likelihood-ratio norms behind the DDPO/DPOK step skip."""
+"""bench.tools.pg_diagnostics: the per-step noise scales and likelihood-ratio norms behind the DDPO/DPOK step skip."""
 import json
 import math
 
 import pytest
 
-from bench import pg_diagnostics
+from bench.tools import pg_diagnostics
 from diffalign.ddim import set_timesteps, step_std
 from diffalign.pipeline import load_pipeline
 

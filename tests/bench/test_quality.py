@@ -1,11 +1,11 @@
-"""Sample quality against NFE (bench/quality.py): the tiny world's feature space behaves as a distance to real
+"""Sample quality against NFE (bench/core/fd.py): the tiny world's feature space behaves as a distance to real
 images should, and the Inception features load only from a local file in torch-fidelity's format."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.quality import InceptionFeatures, TinyClipFeatures, features_of, real_images
+from bench.core.fd import InceptionFeatures, TinyClipFeatures, features_of, real_images
 from diffalign import frechet, world
 from diffalign.errors import BenchError
 from prompts import load_prompts

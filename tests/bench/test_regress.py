@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 import methods.alignprop as alignprop
-from bench import cli, regress
+from bench import cli
+from bench.drivers import regress
 
 
 @pytest.fixture(scope="module")

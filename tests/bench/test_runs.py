@@ -1,4 +1,4 @@
-"""End to end through the CLI and the harness (bench/run.py): every artefact of a run folder, determinism, bad
+"""End to end through the CLI and the harness (bench/core/run.py): every artefact of a run folder, determinism, bad
 input as one line, the model loader's offline refusal, and compare.  (Each method's kill-and-resume test is in its
 own tests/methods/ file.)"""
 import json
@@ -12,8 +12,9 @@ import torch
 from conftest import VOLATILE, error_line, metrics_of
 from conftest import small_run_args as common_run_args
 
-from bench import cli, run
-from bench.config import resolve
+from bench import cli
+from bench.core import run
+from bench.core.config import resolve
 from diffalign.lora import add_lora, load_lora, lora_state_dict
 from diffalign.pipeline import load_pipeline
 

@@ -1,4 +1,4 @@
-"""The config schema (bench/schema.py), as a property: for every key of the common config and of every method's
+"""The config schema (bench/core/schema.py), as a property: for every key of the common config and of every method's
 section, bad values of every kind (wrong type, zero, negative, NaN, infinity, huge, empty, unknown choice) end in one
 ``error:`` line naming the key, and a value the schema accepts never ends in anything but a run config or such a
 line.  The number of cases tried is printed (the README quotes it)."""
@@ -8,8 +8,8 @@ import os
 import pytest
 from conftest import error_line
 
-from bench import schema
-from bench.config import COMMON, resolve
+from bench.core import schema
+from bench.core.config import COMMON, resolve
 from diffalign.errors import BenchError
 from methods import METHODS, method_module
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, VOLATILE, error_line, metrics_of, small_run_args
 
-from bench import cli, run
-from bench.config import resolve
-from bench.context import GuardedOptimizer
+from bench import cli
+from bench.core import run
+from bench.core.config import resolve
+from bench.core.context import GuardedOptimizer
 from diffalign.store import RunFolder
 
 NAN_REWARD = textwrap.dedent('''

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT, VOLATILE, metrics_of
 
-from bench import cli, sweep
+from bench import cli
+from bench.drivers import sweep
 from diffalign.store import RunFolder
 
 pytest.importorskip("ray")

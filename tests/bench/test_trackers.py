@@ -1,9 +1,9 @@
-"""The optional trackers (bench/trackers.py): packages checked before a run, finite numbers mirrored."""
+"""The optional trackers (bench/core/trackers.py): packages checked before a run, finite numbers mirrored."""
 import math
 
 import pytest
 
-from bench import trackers
+from bench.core import trackers
 from diffalign.errors import BenchError
 
 

@@ -70,17 +70,17 @@ def test_the_house_keeps_its_floors():
 def test_a_planted_upward_import_or_method_to_method_import_fails(tmp_path):
     for folder in ("diffalign", "methods", "rewards", "prompts", "bench"):
         (tmp_path / folder).mkdir()
-    (tmp_path / "diffalign" / "ddim.py").write_text("import torch\n\ndef f():\n    from bench.run import Run\n")
+    (tmp_path / "diffalign" / "ddim.py").write_text("import torch\n\ndef f():\n    from bench.core.run import Run\n")
     (tmp_path / "diffalign" / "store.py").write_text("from diffalign import errors\n")  # allowed
     (tmp_path / "methods" / "ddpo.py").write_text("from methods.alignprop import truncation_mask\n")
     (tmp_path / "methods" / "dpok.py").write_text("from methods import ddpo\nfrom diffalign.sampling import sample\n")
     (tmp_path / "methods" / "__init__.py").write_text("import importlib\n")
-    (tmp_path / "rewards" / "tiny.py").write_text("import bench.evaluate\n")
+    (tmp_path / "rewards" / "tiny.py").write_text("import bench.core.evaluate\n")
     (tmp_path / "bench" / "run.py").write_text("from methods import method_module\nfrom rewards import get_reward\n")
     found = violations(str(tmp_path))
     assert found == [
-        "diffalign/ddim.py:4: the ground floor imports bench.run",
-        "rewards/tiny.py:1: rewards/ imports the harness (bench.evaluate)",
+        "diffalign/ddim.py:4: the ground floor imports bench.core.run",
+        "rewards/tiny.py:1: rewards/ imports the harness (bench.core.evaluate)",
         "methods/ddpo.py:1: method ddpo imports method alignprop",
         "methods/dpok.py:1: method dpok imports method ddpo",
     ], found

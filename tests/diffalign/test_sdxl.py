@@ -7,8 +7,8 @@ from conftest import metrics_of, small_run_args
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from bench import run
-from bench.config import resolve
+from bench.core import run
+from bench.core.config import resolve
 from bench.tinyworld import models as tiny_models
 from diffalign import sampling
 from diffalign.errors import BenchError

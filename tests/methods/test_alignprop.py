@@ -6,7 +6,7 @@ import torch
 from conftest import assert_resumes_to_the_same_run, method_context, small_run_args
 from diffusers import DDIMScheduler
 
-from bench.config import resolve
+from bench.core.config import resolve
 from diffalign import ddim, sampling
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, assert_resumes_to_the_same_run, error_line, method_context, small_run_args
 from diffusers import DDIMScheduler
 
-from bench.config import resolve
+from bench.core.config import resolve
 from bench.tinyworld.models import SCHEDULER_CONFIG
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline

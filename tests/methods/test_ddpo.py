@@ -7,7 +7,7 @@ import torch
 from analytic_chain import LinearGaussianChain
 from conftest import assert_resumes_to_the_same_run, method_context, small_run_args
 
-from bench.config import resolve
+from bench.core.config import resolve
 from diffalign.ddim import gaussian_log_prob, set_timesteps
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline

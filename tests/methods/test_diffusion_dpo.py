@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import assert_resumes_to_the_same_run, method_context, small_run_args
 
-from bench.config import resolve
+from bench.core.config import resolve
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline
 from diffalign.preference import Pairs, save_pairs

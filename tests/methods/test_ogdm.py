@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import PROMPTS, assert_resumes_to_the_same_run, error_line, method_context, small_run_args
 
-from bench import run
-from bench.config import resolve
+from bench.core import run
+from bench.core.config import resolve
 from diffalign.ddim import add_noise
 from diffalign.images import images_to_x0
 from diffalign.lora import add_lora

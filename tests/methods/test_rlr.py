@@ -9,7 +9,7 @@ import torch
 from analytic_chain import LinearGaussianChain
 from conftest import LinearReward, assert_resumes_to_the_same_run, error_line, leading_lora_context, small_run_args
 
-from bench.config import resolve
+from bench.core.config import resolve
 from diffalign import ddim, sampling
 from diffalign.errors import BenchError
 from methods import rlr

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_resumes_to_the_same_run, error_line, leading_lora_context, small_run_args
 
-from bench.config import resolve
+from bench.core.config import resolve
 from methods import alignprop, rlr_code
 
 PROMPTS = ["a red circle", "two blue squares"]

@@ -14,8 +14,8 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
-from bench import run
-from bench.config import resolve
+from bench.core import run
+from bench.core.config import resolve
 from diffalign.errors import BenchError
 from rewards import WeightedSum, get_reward
 

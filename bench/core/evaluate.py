@@ -12,7 +12,7 @@ the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta
 - the KL to the base model along ``eval.kl_seeds`` trajectories of the *training* sampler at eta = 1
   (``diffalign.sampling.kl_to_base``, its step noise from the fixed seed ``KL_SEED``),
 - with ``fd`` in ``eval.metrics``: sample quality against the number of function evaluations, the Frechet
-  distance to real images at each NFE of ``eval.fd.nfe`` (``bench.quality``; at the first and last evaluation).
+  distance to real images at each NFE of ``eval.fd.nfe`` (``bench.core.fd``; at the first and last evaluation).
 
 Under several processes (data parallel, ``shard_over``) each process samples a contiguous share of the eval prompts
 (every seed of each; shares differ by at most one prompt) and their KL trajectories, and the images and KL values are
@@ -32,8 +32,8 @@ import math
 import numpy as np
 import torch
 
-from bench.config import Config
-from bench.quality import FD_METRIC, FrechetVsNFE
+from bench.core.config import Config
+from bench.core.fd import FD_METRIC, FrechetVsNFE
 from bench.tinyworld.judge import load_judge
 from diffalign import world
 from diffalign.errors import BenchError
@@ -74,7 +74,7 @@ class Evaluator:
                                      "must be tiny-world captions (set judge=null otherwise)") from None
 
     def shard_over(self, ctx) -> "Evaluator":
-        """Split the sampling over the processes of ``ctx`` (a ``bench.context.Context``; one process: no change)."""
+        """Split the sampling over the processes of ``ctx`` (a ``Context``; one process: no change)."""
         self.ctx = ctx if ctx is not None and ctx.world > 1 and len(self.prompts) >= ctx.world else None
         return self
 

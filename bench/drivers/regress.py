@@ -44,8 +44,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from bench import run
-from bench.config import resolve
+from bench.core import run
+from bench.core.config import resolve
 from bench.outputs.plots import pyplot
 from diffalign import store
 from diffalign.errors import BenchError

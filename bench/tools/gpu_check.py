@@ -1,4 +1,4 @@
-"""``make gpu-check`` (``python -m bench.gpu_check``): what one GPU does with a Stable Diffusion 1.5-sized model.
+"""``make gpu-check`` (``python -m bench.tools.gpu_check``): what one GPU does with a Stable Diffusion 1.5-sized model.
 
 A random-weight pipeline with SD 1.5's architecture (the UNet, CLIP ViT-L/14 text encoder and VAE shapes of the
 published configs, 512 px images, 64x64 latents; built from configs and saved by diffusers, nothing downloaded) is
@@ -35,8 +35,8 @@ import traceback
 
 import torch
 
-from bench.config import resolve
-from bench.run import Run
+from bench.core.config import resolve
+from bench.core.run import Run
 from diffalign.errors import BenchError
 from diffalign.store import PROJECT_ROOT, RunFolder, atomic_write_json, atomic_write_text
 
@@ -116,7 +116,7 @@ def matmul_rate(device: str) -> dict:
 
 
 def build_run(method: str, overrides: list[str], tmp: str) -> Run:
-    """The harness's own run object, nothing evaluated or written (as ``bench.perf`` builds one)."""
+    """The harness's own run object, nothing evaluated or written (as ``bench.tools.perf`` builds one)."""
     cfg = resolve(method, overrides)
     run = Run(cfg, RunFolder(os.path.join(tmp, f"{method}-{len(os.listdir(tmp))}")))
     os.makedirs(run.folder.path)
@@ -254,7 +254,8 @@ def check_tiny_world(tmp: str, seconds: int, device: str = "cuda") -> list[dict]
 def markdown(r: dict) -> str:
     lines = ["# `make gpu-check`", "",
              f"{r['date']}, {r['device_name']}, torch {r['torch']}, commit {r.get('commit') or '?'}; "
-             f"{r['mode']} mode, {r['size']['num_steps']} DDIM steps; bench/gpu_check.py says what each row is.", ""]
+             f"{r['mode']} mode, {r['size']['num_steps']} DDIM steps; bench/tools/gpu_check.py says what each row "
+             "is.", ""]
     failed = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
     r = {k: (None if k in failed else v) for k, v in r.items()}
     lines += [f"{k}: failed ({e})." for k, e in failed.items()] + ([""] if failed else [])
@@ -302,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("make gpu-check needs a CUDA GPU and none is visible; accepted without one: "
-                         "python -m bench.gpu_check --tiny (the CPU tiny mode the test suite runs)")
-    from bench.perf import latent_pipeline
-    from bench.run import git_commit
+                         "python -m bench.tools.gpu_check --tiny (the CPU tiny mode the test suite runs)")
+    from bench.core.run import git_commit
+    from bench.tools.perf import latent_pipeline
 
     size = TINY if a.tiny else FULL
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""``make perf`` (``python -m bench.perf``): where one optimizer step's time goes, against the floor of the UNet
+"""``make perf`` (``python -m bench.tools.perf``): where one optimizer step's time goes, against the floor of the UNet
 passes the method has to make, and how step time and memory grow with the work.
 
 For each method at its preset on the tiny world (and AlignProp and DDPO-SF on a small random-weight latent Stable
@@ -37,9 +37,9 @@ import time
 
 import torch
 
-from bench.config import resolve
-from bench.context import GuardedOptimizer
-from bench.run import Run, peak_memory_mb
+from bench.core.config import resolve
+from bench.core.context import GuardedOptimizer
+from bench.core.run import Run, peak_memory_mb
 from diffalign.store import PROJECT_ROOT, RunFolder, atomic_write_json, atomic_write_text
 
 PARTS = ("unet_forward", "backward", "vae_decode", "text_encoding", "reward", "optimizer", "store", "other")
@@ -241,7 +241,7 @@ def latent_pipeline(path: str) -> str:
 
 def _one(method: str, overrides: list[str], steps: int) -> dict:
     """A measurement in its own process (its peak memory is its own)."""
-    cmd = [sys.executable, "-m", "bench.perf", "--one", method, "--steps", str(steps), "--set", *overrides]
+    cmd = [sys.executable, "-m", "bench.tools.perf", "--one", method, "--steps", str(steps), "--set", *overrides]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"perf of {method} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -273,7 +273,7 @@ def markdown(report: dict) -> str:
     lines = ["# Cost of one optimizer step (`make perf`)", "",
              f"Measured {report['date']} on {report['machine']}, torch threads {report['threads']}; "
              f"{report['steps']} timed steps after one untimed, each measurement in its own process "
-             "(bench/perf.py says what each column holds).", "",
+             "(bench/tools/perf.py says what each column holds).", "",
              "| method | model | step (s) | floor (s) | step / floor | " + " | ".join(PARTS) +
              " | UNet passes fwd / bwd | images / s | peak MB |",
              "|" + " --- |" * (9 + len(PARTS))]

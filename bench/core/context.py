@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from bench.config import Config
+from bench.core.config import Config
 from diffalign.costs import Costs
 from diffalign.ddim import ShardedGenerator
 from diffalign.errors import BenchError

@@ -15,11 +15,11 @@ import os
 
 import yaml
 
-from bench import schema
+from bench.core import schema
 from diffalign.errors import BenchError
 from methods import method_module
 
-PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
 COMMON: dict = {
     "method": None,
@@ -41,7 +41,7 @@ COMMON: dict = {
     "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
              "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off); training sampler, eta 1
              "metrics": ["tiny-rating", "tiny-clip"],  # held-out rewards scored on the eval images, never trained on
-             # (and "fd": the Frechet distance against NFE, bench/quality.py, with these settings)
+             # (and "fd": the Frechet distance against NFE, bench/core/fd.py, with these settings)
              "fd": {"nfe": [3, 5, 10, 20], "features": "auto", "real": "tiny-world", "real_per_prompt": 64,
                     "at": "ends", "inception_weights": ""}},
     "checkpoint_every": 5,
@@ -173,7 +173,7 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
 
 
 def validate(cfg: dict, module) -> None:
-    schema.check(cfg, module.CONFIG_SECTION)  # every key's type and range (bench/schema.py)
+    schema.check(cfg, module.CONFIG_SECTION)  # every key's type and range (bench/core/schema.py)
     for key, accepted in CHOICES.items():
         if cfg.get(key, accepted[0]) not in accepted:
             raise BenchError(f"config key {key!r} = {cfg[key]!r}; accepted: {', '.join(accepted)}")

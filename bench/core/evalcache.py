@@ -35,7 +35,7 @@ CACHE_ENV = "DIFFALIGN_EVAL_CACHE"
 BIG = 64 * 2 ** 20
 CHUNK = 16 * 2 ** 20
 # every module the evaluation runs: sampler, DDIM, pipeline, judge, world, rewards, prompts, FD
-CODE = ["bench/evaluate.py", "bench/quality.py", "bench/tinyworld/judge.py", "diffalign/sampling.py",
+CODE = ["bench/core/evaluate.py", "bench/core/fd.py", "bench/tinyworld/judge.py", "diffalign/sampling.py",
         "diffalign/ddim.py", "diffalign/pipeline.py", "diffalign/world.py", "diffalign/frechet.py",
         "diffalign/images.py", "diffalign/realdata.py", "diffalign/lora.py", "prompts/__init__.py"]
 CODE_DIRS = ["rewards", "prompts"]

@@ -1,7 +1,7 @@
 """A run's sample quality against the number of function evaluations: ``fd_nfe.csv``, ``fd_nfe.md``, ``fd_nfe.png``.
 
 Rows: the base model (the step-0 evaluation), the run's final model, and any companion run (OGDM's gamma = 0
-baseline) at its final step; columns: the Frechet distance at each NFE of ``eval.fd.nfe`` (``bench.quality``).
+baseline) at its final step; columns: the Frechet distance at each NFE of ``eval.fd.nfe`` (``bench.core.fd``).
 Written by the harness at the end of every run that has ``fd`` in ``eval.metrics``.
 """
 from __future__ import annotations

@@ -7,12 +7,12 @@
 
 A protocol file (``bench/protocols/<name>.yaml``) names the rewards, the seeds, the budget in training images, the
 settings every run shares (the evaluation), and per method the lines that give it the budget (and where its preset's
-settings were tuned).  The leaderboard is a sweep (``bench.sweep``: the same per-run code, folders, hashes, locks and
-resume) over seed x reward x method, seed-major, so an interrupted leaderboard holds whole seeds first; rerunning it
-skips what is complete and resumes what was killed.  A method whose settings cannot train on a reward (AlignProp on a
-non-differentiable one) is refused by the harness with one line; the table shows that line instead of a number.  A
-reward-free method (``reward_free: true``: OGDM) runs once per seed and is scored on every protocol reward by the same
-evaluation (the protocol's ``eval.metrics`` hold every protocol reward).
+settings were tuned).  The leaderboard is a sweep (``bench.drivers.sweep``: the same per-run code, folders, hashes,
+locks and resume) over seed x reward x method, seed-major, so an interrupted leaderboard holds whole seeds first;
+rerunning it skips what is complete and resumes what was killed.  A method whose settings cannot train on a reward
+(AlignProp on a non-differentiable one) is refused by the harness with one line; the table shows that line instead of
+a number.  A reward-free method (``reward_free: true``: OGDM) runs once per seed and is scored on every protocol
+reward by the same evaluation (the protocol's ``eval.metrics`` hold every protocol reward).
 
 What the tables say, per reward, per method (its runs over the protocol's seeds):
 
@@ -54,13 +54,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench import sweep
+from bench.drivers import sweep
 from bench.outputs.compare import RunData
 from diffalign import store
 from diffalign.errors import BenchError
 from methods import method_module
 
-DEFAULT_PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocols", "tiny-v1.yaml")
+DEFAULT_PROTOCOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protocols",
+                                "tiny-v1.yaml")
 PROTOCOL_KEYS = {"name", "version", "rewards", "seeds", "budget_images", "set", "methods", "hacking", "root"}
 METHOD_KEYS = {"set", "tuned", "reward_free"}
 FD_COL = "fd_nfe"
@@ -433,7 +434,7 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
     lines = [f"# Leaderboard {p.name} (protocol version {p.version}, hash {p.digest})", "",
              f"{board['runs_complete']} of {board['runs_planned']} runs complete; budget {p.budget_images} training "
              f"images per run; seeds {p.seeds}; rewards {', '.join(p.rewards)}.  Written by `python -m bench "
-             f"leaderboard` into `{p.root}`; how each number is computed: `bench/leaderboard.py`.",
+             f"leaderboard` into `{p.root}`; how each number is computed: `bench/drivers/leaderboard.py`.",
              ""]
     if sessions:
         wall = sum(s.get("seconds") or 0 for s in sessions)

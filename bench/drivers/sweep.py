@@ -7,12 +7,12 @@
 ``variants`` (sweep files only) is a list of arms, each a list of ``KEY=VALUE`` overrides applied on top of ``set``:
 one method under several settings, e.g. the DDE credit study's four weightings.
 
-A run's identity is a hash of its resolved config (``bench.config.resolve(method, overrides)``): the
+A run's identity is a hash of its resolved config (``bench.core.config.resolve(method, overrides)``): the
 same resolved config is the same run, and its folder is ``<root>/<method>-<reward>-seed<S>-<hash>``.
 So running a sweep again
 
 - skips every run whose manifest says ``complete``,
-- resumes (``bench.run.resume``) every run that was interrupted (manifest ``running``), from its
+- resumes (``bench.core.run.resume``) every run that was interrupted (manifest ``running``), from its
   last checkpoint, and
 - starts the runs that have no folder yet,
 
@@ -40,8 +40,8 @@ import time
 
 import yaml
 
-from bench import run
-from bench.config import identity, resolve
+from bench.core import run
+from bench.core.config import identity, resolve
 from diffalign import store
 from diffalign.errors import BenchError
 from diffalign.store import FolderBusy, RunFolder, safe_name

@@ -1,6 +1,6 @@
 """The config schema: the type and range of every key of the common config and of every method's section.
 
-``check(cfg)`` runs in ``bench.config.resolve`` after the merge (which has already refused unknown keys and values
+``check(cfg)`` runs in ``bench.core.config.resolve`` after the merge (which has already refused unknown keys and values
 of the wrong type) and before the method's own ``validate`` (which checks how keys relate, e.g. a batch that must
 divide another).  A bad value ends with one line naming the key, the value and what is accepted.  The rules:
 
@@ -20,8 +20,8 @@ import dataclasses
 import functools
 import math
 
-from bench.quality import AT as FD_AT
-from bench.quality import FEATURES as FD_FEATURES
+from bench.core.fd import AT as FD_AT
+from bench.core.fd import FEATURES as FD_FEATURES
 from diffalign.adversarial import ADV_LOSSES
 from diffalign.errors import BenchError
 from methods import METHODS, alignprop, dde, ddpo, dpok, method_module, rlr
@@ -196,7 +196,7 @@ def _section_rules() -> dict[str, dict[str, object]]:
         for key in module.DEFAULTS:
             rule = own.get(section, {}).get(key) or SHARED.get(key)
             if rule is None:
-                raise RuntimeError(f"bench/schema.py has no rule for {section}.{key}")  # a defect, not bad input
+                raise RuntimeError(f"bench/core/schema.py has no rule for {section}.{key}")  # a defect, not bad input
             rules[key] = rule
         out[section] = rules
     return out

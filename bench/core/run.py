@@ -3,7 +3,7 @@
 The loop, for every method alike::
 
     build: method, reward, prompt sets, evaluator (held-out metrics, judge), pipeline (frozen) + LoRA, Context
-    evaluate at step 0 (fixed eval prompts x fixed seeds, deterministic DDIM; reused from bench.evalcache when
+    evaluate at step 0 (fixed eval prompts x fixed seeds, deterministic DDIM; reused from bench.core.evalcache when
         another run already evaluated the same base model the same way), grid, checkpoint
     for step in 1..steps:
         metrics = method.step()                   # one optimizer update, the method's own recipe
@@ -22,11 +22,11 @@ interrupted.  What a run survives:
   manifest says ``interrupted`` and the process exits with status 75 (``EXIT_INTERRUPTED``); ``--resume`` goes on;
 - a damaged last checkpoint (truncated, foreign): ``--resume`` falls back to the previous one
   (``checkpoint.prev.pt``) with one warning line, or names the files if neither is usable;
-- non-finite rewards, losses or gradients: the update is skipped (``bench.context``), counted in
+- non-finite rewards, losses or gradients: the update is skipped (``bench.core.context``), counted in
   ``skipped_updates``, and the run stops after ``nan_patience`` consecutive skips (manifest ``stopped``);
 - a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid.
 
-The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.evaluate``'s.
+The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.core.evaluate``'s.
 """
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from bench import evalcache
-from bench.config import Config, derive
-from bench.context import Context, NonFiniteStop
-from bench.evaluate import Evaluation, Evaluator
-from bench.outputs import quality as quality_outputs
+from bench.core import evalcache
+from bench.core.config import Config, derive
+from bench.core.context import Context, NonFiniteStop
+from bench.core.evaluate import Evaluation, Evaluator
+from bench.core.trackers import Trackers
+from bench.outputs import fd_tables
 from bench.outputs.plots import plot_run, save_before_after, save_grid
-from bench.trackers import Trackers
 from diffalign.costs import Costs
 from diffalign.errors import BenchError
 from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, make_full_finetune, save_lora
@@ -289,7 +289,7 @@ class Run:
             "method": cfg.method, "variant": cfg.variant, "step": self.step})
         save_before_after(folder.grid_path(0), folder.grid_path(self.step), folder.start_vs_end_path)
         folder.write_summary(summary)
-        quality_outputs.write(folder.path, quality_outputs.fd_rows(pd.DataFrame(self.rows), cfg.method, True),
+        fd_tables.write(folder.path, fd_tables.fd_rows(pd.DataFrame(self.rows), cfg.method, True),
                               f"{cfg.method} on {cfg.reward}")
         self.trackers.close()
         folder.update_manifest(status="complete", end_time=now(), eval0=self.eval0_source)
@@ -382,10 +382,10 @@ def companion(run_dir: str, cfg: Config, summary: dict) -> dict:
         base_summary = start(derive(cfg, overrides), sub)[1]
     main_metrics, base_metrics = RunFolder(run_dir).read_metrics(), folder.read_metrics()
     base_cfg = Config(folder.read_config())
-    rows = (quality_outputs.fd_rows(main_metrics, "base model", True)[:1]
-            + quality_outputs.fd_rows(base_metrics, base_cfg.variant, False)
-            + quality_outputs.fd_rows(main_metrics, cfg.variant, False))
-    quality_outputs.write(run_dir, rows, f"{cfg.method} and its baseline on {cfg.reward}")
+    rows = (fd_tables.fd_rows(main_metrics, "base model", True)[:1]
+            + fd_tables.fd_rows(base_metrics, base_cfg.variant, False)
+            + fd_tables.fd_rows(main_metrics, cfg.variant, False))
+    fd_tables.write(run_dir, rows, f"{cfg.method} and its baseline on {cfg.reward}")
     return {**summary, "baseline": {"variant": base_cfg.variant, **base_summary}}
 
 

@@ -1,4 +1,4 @@
-"""Where is the policy-gradient signal?  ``python -m bench.pg_diagnostics --reward tiny-aesthetic``
+"""Where is the policy-gradient signal?  ``python -m bench.tools.pg_diagnostics --reward tiny-aesthetic``
 
 For the guided DDIM sampler at eta = 1 (the DDPO / DPOK policy) with a fresh LoRA adapter, this measures, per
 denoising step k (sampling order, 0 = the step from pure noise):
@@ -33,7 +33,7 @@ from rewards import get_reward
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="bench.pg_diagnostics")
+    p = argparse.ArgumentParser(prog="bench.tools.pg_diagnostics")
     p.add_argument("--model", default="models/tiny-t2i")
     p.add_argument("--reward", default="tiny-aesthetic")
     p.add_argument("--prompts", default="tiny-train")

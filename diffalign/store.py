@@ -18,7 +18,8 @@ A run folder holds (``RunFolder`` names every file; nothing else spells these na
     summary.json           eval reward and fidelity before -> after, the gain in standard errors, time, memory
     fd_nfe.csv/.md/.png    the Frechet distance against NFE (runs that have ``fd`` in ``eval.metrics``)
     baseline/              a companion run's folder (OGDM's gamma = 0 baseline), of the same form
-    .lock                  the writing process's lock (``fcntl``) and its pid: one writer per folder
+    .lock                  the writing process's lock (``fcntl``) and its pid: one writer per folder (removed when
+                           the writer ends; a killed writer's is left and taken over by the next)
 
 Atomic means: a file is written to a temporary name in the same folder, flushed, fsynced and then
 renamed over its target (``os.replace``), so a reader (or a killed run) sees the old file or the new
@@ -173,6 +174,16 @@ def write_table(df, stem: str) -> None:
     atomic_write_text(stem + ".csv", df.to_csv(index=False))
 
 
+def _same_file(fd: int, path: str) -> bool:
+    """``path`` still names the file open as ``fd`` (not unlinked, not replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 def save_figure(fig, path: str, **kw) -> None:
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     atomic_write_with(path, lambda b: fig.savefig(b, format=fmt, **kw))
@@ -248,20 +259,32 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self, warn=None) -> Iterator[None]:
         """Hold the folder's writer lock (``fcntl.flock`` on ``.lock``, which also holds the holder's pid) for the
-        duration.  A second writer gets one error line naming the holder's pid.  The OS releases the lock when
-        its holder dies, so a lock file left by a killed process is stale: it is taken over, with one warning
-        line through ``warn``."""
+        duration; the file is removed when the lock is released, so a finished run leaves no ``.lock`` behind.
+        A second writer gets one error line naming the holder's pid.  The OS releases the lock when its holder dies,
+        so a lock file left by a killed process is stale: it is taken over, with one warning line through ``warn``.
+
+        Why removing the file at release is safe: the lock is on the file's inode, not on its name.  The holder
+        unlinks the name *while it still holds the lock*, and only then unlocks.  A process that opened the old
+        inode before the unlink may get the lock after the unlock, but then finds that the name no longer leads
+        to the inode it locked (``_same_file``) and starts over on the name, where the next writer will create a
+        new file.  So every writer that goes on holds the lock of the inode the name leads to, and two writers
+        never both hold that one: one writer per folder, with or without the file's removal."""
         os.makedirs(self.path, exist_ok=True)
         path = self.file(self.LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
                 raise FolderBusy(f"run folder {self.path!r} is being written by process {holder} (it holds "
                                  f"{self.LOCK}); accepted: one writer per run folder: wait for it to end, then "
                                  "resume") from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # locked an inode a releasing writer had just unlinked: try the name again
+        try:
             previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
             if previous and previous != str(os.getpid()) and warn is not None:
                 warn(f"warning: run folder {self.path!r}: took over the lock left by process {previous}, which no "
@@ -272,7 +295,8 @@ class RunFolder:
             try:
                 yield
             finally:
-                os.ftruncate(fd, 0)  # released cleanly: no holder's pid left behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # still locked: see the docstring for why this cannot let a second writer in
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

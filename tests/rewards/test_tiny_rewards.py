@@ -1,7 +1,7 @@
 """The tiny world's own reward models (models/tiny-clip, tiny-aesthetic, tiny-count) and its hidden rating.
 
 Held-out data come from seeds the training recipes never use (bench/tinyworld/train_rewards.py draws from
-seeds 0, 10_000, 20_000, 30_000); the figures printed here are the README's."""
+seeds 0, 10_000, 20_000, 30_000); the figures printed here are docs/rewards.md's."""
 import json
 import os
 

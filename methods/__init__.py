@@ -1,17 +1,11 @@
-"""The method registry.  Each method is one module that reads like its paper's algorithm box.
+"""The method registry: one line per method (its name -> its module).  Each method is one module that reads like its
+paper's algorithm box and declares everything about itself; what it must declare is the contract in
+``diffalign/contract.py`` (``MethodModule``: CONFIG_SECTION, DEFAULTS with their RULES, NEEDS_DIFFERENTIABLE_REWARD,
+SMOKE, variant, validate (cross-key checks only), data_parallel, companion_baseline, Method), checked for every entry
+below by tests/methods/test_contract.py.
 
-A method module defines
-
-    CONFIG_SECTION  its section in the run config (``cfg.<CONFIG_SECTION>``)
-    DEFAULTS        that section's defaults, scaled to the tiny world
-    NEEDS_DIFFERENTIABLE_REWARD
-    validate(cfg)   one ``BenchError`` line for a setting the method cannot run (optional)
-    variant(cfg)    the exact implementation variant, recorded in every run's config and manifest
-    Method(ctx)     with ``step() -> dict`` (one optimizer update, returns its metrics),
-                    ``state_dict()`` and ``load_state_dict()`` (optimizer and any other state)
-
-``ctx`` is ``bench.core.context.Context``: the pipeline with its LoRA, the reward, the prompts, the RNG and the cost
-counters.  Methods never import each other, nor ``bench``; shared machinery lives in ``diffalign``.
+Adding a method: its file here, its preset ``bench/presets/<name>.yaml``, its tests, and one line below.  Methods
+never import each other, nor ``bench``; shared machinery lives in ``diffalign``.
 """
 from __future__ import annotations
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.errors import BenchError, check_choice
+from diffalign.contract import NONNEG, POSITIVE, Choice, Int, Maybe, Real, rules
+from diffalign.errors import BenchError
 from diffalign.sampling import sample_with_grad
 
 CONFIG_SECTION = "alignprop"
 NEEDS_DIFFERENTIABLE_REWARD = True
-DATA_PARALLEL = True  # each process samples its rows of the batch; the loss is its rows' mean (gradients averaged)
 TRUNCATIONS = ("full", "per_step", "last_k")
 K_DISTS = ("fixed", "uniform", "gaussian")
 DEFAULTS = {
@@ -53,6 +53,11 @@ DEFAULTS = {
     "k_std": None,                # default 5 * T / 50
     "checkpointing": True,        # gradient checkpointing of every UNet call
 }
+RULES = rules(DEFAULTS, {"reward_target": Maybe(Real(-float("inf"))), "truncation": Choice(TRUNCATIONS),
+                         "k_dist": Choice(K_DISTS), "k": Int(1, 1000), "k_mean": Maybe(POSITIVE),
+                         "k_std": Maybe(NONNEG)})
+SMOKE = {"alignprop": ["alignprop.batch_size=4", "alignprop.lr=0.005"]}  # bench regress's short run
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -65,12 +70,13 @@ def variant(cfg) -> str:
 
 def validate(cfg) -> None:
     a = cfg[CONFIG_SECTION]
-    check_choice("alignprop.truncation", a["truncation"], TRUNCATIONS)
-    check_choice("alignprop.k_dist", a["k_dist"], K_DISTS)
     if not 1 <= a["k"] <= cfg["sampler"]["num_steps"]:
         raise BenchError(f"alignprop.k = {a['k']}; accepted: 1..sampler.num_steps ({cfg['sampler']['num_steps']})")
-    if a["batch_size"] < 1 or a["grad_accum"] < 1:
-        raise BenchError("alignprop.batch_size and alignprop.grad_accum must be >= 1")
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process samples its rows of the batch; the loss is its rows' mean (gradients averaged): any config."""
+    return None
 
 
 # ---- the truncation rule: which steps keep their UNet's gradient -----------------------------------------

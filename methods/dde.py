@@ -52,21 +52,20 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.errors import BenchError, check_choice
+from diffalign.contract import POSITIVE, Choice, Real, rules
 from diffalign.preference import (
     PAIR_DEFAULTS,
     PairSource,
     check_pair_config,
     dpo_loss,
     pair_errors,
-    pairs_data_parallel,
+    pairs_split_refusal,
     step_metrics,
 )
 from diffalign.store import project_path
 
 CONFIG_SECTION = "dde"
 NEEDS_DIFFERENTIABLE_REWARD = False   # the reward only labels pairs
-DATA_PARALLEL = pairs_data_parallel(CONFIG_SECTION)  # each process takes its rows of every batch of pairs
 WEIGHTINGS = ("dde", "stepwise", "single-shot", "uniform")
 T_SAMPLINGS = ("uniform", "importance")
 SINGLE_SHOT_VARS = ("posterior", "fixed")
@@ -87,6 +86,11 @@ DEFAULTS = {
     "t_sampling": "uniform",     # uniform (the weight inside the sigmoid) | importance (t drawn in proportion to it)
     **PAIR_DEFAULTS,
 }
+RULES = rules(DEFAULTS, {"weighting": Choice(WEIGHTINGS), "split": Real(0.0, 1.0, lo_open=True, hi_open=True),
+                         "single_shot_var": Choice(SINGLE_SHOT_VARS), "data_std": POSITIVE,
+                         "t_sampling": Choice(T_SAMPLINGS)})
+SMOKE = {"dde": ["dde.batch_size=8"]}
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -103,15 +107,12 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    d = cfg[CONFIG_SECTION]
-    check_pair_config(CONFIG_SECTION, d)
-    check_choice("dde.weighting", d["weighting"], WEIGHTINGS)
-    check_choice("dde.t_sampling", d["t_sampling"], T_SAMPLINGS)
-    check_choice("dde.single_shot_var", d["single_shot_var"], SINGLE_SHOT_VARS)
-    if not 0 < d["split"] < 1:
-        raise BenchError(f"dde.split = {d['split']}; accepted: a fraction of the trajectory in (0, 1)")
-    if d["data_std"] <= 0 or d["beta"] <= 0 or d["batch_size"] < 1 or d["grad_accum"] < 1:
-        raise BenchError("dde.data_std and dde.beta must be > 0, dde.batch_size and dde.grad_accum >= 1")
+    check_pair_config(CONFIG_SECTION, cfg[CONFIG_SECTION])
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process takes its rows of every batch of pairs (fixed pair sets only)."""
+    return pairs_split_refusal(CONFIG_SECTION, cfg[CONFIG_SECTION])
 
 
 # ---- the credit weights ------------------------------------------------------------------------------------

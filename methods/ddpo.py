@@ -36,8 +36,9 @@ import math
 
 import torch
 
-from diffalign.ddim import LOGPROB_REDUCTIONS, ddim_step
-from diffalign.errors import BenchError, check_choice
+from diffalign.contract import BATCH, MAX_BATCH, MAX_COUNT, Choice, Flag, Int, Real, rules
+from diffalign.ddim import ddim_step
+from diffalign.errors import BenchError
 from diffalign.policy_gradient import (
     PerPromptStatTracker,
     Surrogate,
@@ -54,8 +55,6 @@ from diffalign.sampling import Trajectory, guided_eps, sample
 
 CONFIG_SECTION = "ddpo"
 NEEDS_DIFFERENTIABLE_REWARD = False
-DATA_PARALLEL = True  # each process samples its rows of every sample batch (the round gathered on every process)
-                      # and trains on its rows of every minibatch
 ESTIMATORS = ("is", "sf")
 DEFAULTS = {
     "estimator": "is",           # is (PPO-clipped importance sampling) | sf (score function / REINFORCE)
@@ -80,6 +79,15 @@ DEFAULTS = {
     "stat_min_count": 16,
     "logprob_reduction": "mean",
 }
+RULES = rules(DEFAULTS, {
+    "estimator": Choice(ESTIMATORS), "samples_per_step": BATCH, "prompts_per_step": Int(0, MAX_BATCH),
+    "sample_batch_size": BATCH, "train_batch_size": BATCH, "inner_epochs": Int(1, 1000),
+    "timestep_fraction": Real(0.0, 1.0, lo_open=True), "per_prompt_stats": Flag(), "stat_buffer": Int(1, MAX_COUNT),
+    "stat_min_count": Int(1, MAX_COUNT)})
+_SMOKE = ["ddpo.samples_per_step=8", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"]
+SMOKE = {"ddpo": _SMOKE + ["ddpo.grad_accum=1"],  # two updates per round: the second is off-policy, PPO's clip acts
+         "ddpo-sf": _SMOKE + ["ddpo.grad_accum=2"]}  # one on-policy update per round, as DDPO-SF must
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -93,8 +101,6 @@ def variant(cfg) -> str:
 def validate(cfg) -> None:
     d = cfg[CONFIG_SECTION]
     check_trained_steps(cfg, CONFIG_SECTION)
-    check_choice("ddpo.estimator", d["estimator"], ESTIMATORS)
-    check_choice("ddpo.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
     if cfg["method"] == "ddpo-sf" and d["estimator"] != "sf":
         raise BenchError("method 'ddpo-sf' needs ddpo.estimator=sf; for the importance-sampling variant use "
@@ -106,11 +112,15 @@ def validate(cfg) -> None:
     if d["estimator"] == "sf" and (d["inner_epochs"] != 1 or n != tb * d["grad_accum"]):
         raise BenchError("DDPO-SF makes one on-policy update per sampling round: set ddpo.inner_epochs=1 and "
                          "ddpo.train_batch_size x ddpo.grad_accum = ddpo.samples_per_step")
-    if d["prompts_per_step"] < 0 or (d["prompts_per_step"] and n % d["prompts_per_step"]):
+    if d["prompts_per_step"] and n % d["prompts_per_step"]:
         raise BenchError(f"ddpo.prompts_per_step ({d['prompts_per_step']}) must divide ddpo.samples_per_step ({n}); "
                          "accepted: 0 (a prompt per sample) or a divisor")
-    if not 0 < d["timestep_fraction"] <= 1:
-        raise BenchError("ddpo.timestep_fraction must be in (0, 1]")
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process samples its rows of every sample batch (the round gathered on every process) and trains on its
+    rows of every minibatch: any config whose batches divide (the context refuses those that do not)."""
+    return None
 
 
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, estimator: str,

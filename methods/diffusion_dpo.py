@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.errors import BenchError
+from diffalign.contract import rules
 from diffalign.preference import (
     PAIR_DEFAULTS,
     PairSource,
     check_pair_config,
     dpo_loss,
     pair_errors,
-    pairs_data_parallel,
+    pairs_split_refusal,
     step_metrics,
 )
 from diffalign.store import project_path
 
 CONFIG_SECTION = "diffusion_dpo"
 NEEDS_DIFFERENTIABLE_REWARD = False   # the reward only labels pairs
-DATA_PARALLEL = pairs_data_parallel(CONFIG_SECTION)  # each process takes its rows of every batch of pairs
 TINY_PAIRS = "models/tiny-pairs"
 DEFAULTS = {
     "batch_size": 16,            # pairs per optimizer step
@@ -47,6 +46,9 @@ DEFAULTS = {
     "grad_clip": 1.0,
     **PAIR_DEFAULTS,
 }
+RULES = rules(DEFAULTS)
+SMOKE = {"diffusion-dpo": ["diffusion_dpo.batch_size=8"]}
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -60,10 +62,12 @@ def _pairs_tag(pairs: str) -> str:
 
 
 def validate(cfg) -> None:
-    d = cfg[CONFIG_SECTION]
-    check_pair_config(CONFIG_SECTION, d)
-    if d["batch_size"] < 1 or d["grad_accum"] < 1 or d["beta"] <= 0:
-        raise BenchError("diffusion_dpo.batch_size and grad_accum must be >= 1 and diffusion_dpo.beta > 0")
+    check_pair_config(CONFIG_SECTION, cfg[CONFIG_SECTION])
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process takes its rows of every batch of pairs (fixed pair sets only)."""
+    return pairs_split_refusal(CONFIG_SECTION, cfg[CONFIG_SECTION])
 
 
 class Method:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffalign.ddim import LOGPROB_REDUCTIONS, ddim_step, gaussian_kl
-from diffalign.errors import check_choice
+from diffalign.contract import BATCH, LR, MAX_COUNT, NONNEG, POSITIVE, Choice, Int, rules
+from diffalign.ddim import ddim_step, gaussian_kl
 from diffalign.policy_gradient import (
     Surrogate,
     SurrogateStats,
@@ -46,8 +46,6 @@ from diffalign.sampling import base_model, guided_eps, sample
 
 CONFIG_SECTION = "dpok"
 NEEDS_DIFFERENTIABLE_REWARD = False
-DATA_PARALLEL = True  # each process samples its rows of the round (the buffer holds the gathered round on every
-                      # process) and trains on its rows of every drawn batch of transitions
 BASELINES = ("batch", "value", "none")
 DEFAULTS = {
     "g_batch": 8,                # trajectories sampled per round
@@ -72,6 +70,12 @@ DEFAULTS = {
     "skip_first_steps": 0,       # transitions left out of the buffer at the start (pure-noise end) ...
     "skip_last_steps": 0,        # ... and at the end (x0 end); 0, 0 = every step, as the paper
 }
+RULES = rules(DEFAULTS, {
+    "g_batch": BATCH, "p_step": Int(1, 10_000), "p_batch": BATCH, "buffer_size": Int(1, 10 * MAX_COUNT),
+    "ratio_clip": POSITIVE, "reward_weight": NONNEG, "kl_weight": NONNEG, "kl_warmup": Int(0, MAX_COUNT),
+    "baseline": Choice(BASELINES), "v_lr": LR, "v_steps": Int(1, 10_000), "v_batch": BATCH})
+SMOKE = {"dpok": ["dpok.g_batch=8", "dpok.p_step=2"]}
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -81,11 +85,14 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    d = cfg[CONFIG_SECTION]
     check_trained_steps(cfg, CONFIG_SECTION)
-    check_choice("dpok.baseline", d["baseline"], BASELINES)
-    check_choice("dpok.logprob_reduction", d["logprob_reduction"], LOGPROB_REDUCTIONS)
     check_stochastic_sampler(cfg)
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process samples its rows of the round (the buffer holds the gathered round on every process) and trains
+    on its rows of every drawn batch of transitions: any config."""
+    return None
 
 
 class ValueNet(nn.Module):

@@ -41,8 +41,8 @@ import math
 import torch
 
 from diffalign.adversarial import ADV_LOSSES, Discriminator, discriminator_hinge, generator_loss, r1_penalty
+from diffalign.contract import FRACTION, LR, MAX_BATCH, Choice, Flag, Int, Real, Text, rules
 from diffalign.ddim import add_noise, noise_of, project, training_target, x0_and_eps
-from diffalign.errors import BenchError, check_choice
 from diffalign.images import image_size, images_to_x0
 from diffalign.realdata import load_real_data
 from diffalign.sampling import guided_eps
@@ -51,7 +51,7 @@ CONFIG_SECTION = "ogdm"
 NEEDS_DIFFERENTIABLE_REWARD = False   # no reward in training; the evaluation scores the shared rewards
 
 
-def DATA_PARALLEL(cfg, world: int) -> str | None:  # noqa: N802  (the harness's name for this switch)
+def data_parallel(cfg, world: int) -> str | None:
     """Several processes: each takes every world-th row of a batch (G's and D's gradients averaged).  Strided, so
     that D's minibatch-std groups (strided over the batch, ``diffalign.adversarial.minibatch_std``) are the same
     samples as in one process, which needs the per-process batch to hold as many groups as the whole one."""
@@ -79,6 +79,11 @@ DEFAULTS = {
     "d_blocks": 3,               # resolution-halving residual blocks (32 -> 4)
     "baseline_run": False,       # also run gamma = 0 into <run>/baseline and compare (the make bench preset)
 }
+RULES = rules(DEFAULTS, {
+    "data": Text(), "caption_dropout": FRACTION, "gamma": Real(0.0, 1e6), "k": FRACTION, "adv_loss": Choice(ADV_LOSSES),
+    "r1_weight": Real(0.0, 1e6), "d_lr": LR, "d_channels": Int(1, 4096), "d_blocks": Int(1, 12),
+    "baseline_run": Flag(), "batch_size": Int(2, MAX_BATCH)})  # batch >= 2: D's minibatch statistic needs two
+SMOKE = {"ogdm": ["ogdm.batch_size=8", "ogdm.baseline_run=false", "ogdm.gamma=0.1"]}
 
 
 def variant(cfg) -> str:
@@ -91,18 +96,7 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    d = cfg[CONFIG_SECTION]
-    check_choice("ogdm.adv_loss", d["adv_loss"], ADV_LOSSES)
-    for key in ("gamma", "r1_weight", "weight_decay"):
-        if not d[key] >= 0:
-            raise BenchError(f"ogdm.{key} = {d[key]}; accepted: a number >= 0")
-    for key in ("lr", "d_lr", "grad_clip"):
-        if not d[key] > 0:
-            raise BenchError(f"ogdm.{key} = {d[key]}; accepted: a number > 0")
-    if not 0 <= d["k"] <= 1 or not 0 <= d["caption_dropout"] <= 1:
-        raise BenchError(f"ogdm.k = {d['k']}, ogdm.caption_dropout = {d['caption_dropout']}; accepted: each in [0, 1]")
-    if d["batch_size"] < 2 or d["d_channels"] < 1 or d["d_blocks"] < 1:
-        raise BenchError("ogdm.batch_size must be >= 2 (D's minibatch statistic), d_channels and d_blocks >= 1")
+    """No key of OGDM's depends on another (each key's range is its rule in RULES)."""
 
 
 def companion_baseline(cfg) -> list[str] | None:

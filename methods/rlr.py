@@ -50,15 +50,14 @@ import math
 
 import torch
 
+from diffalign.contract import NONNEG, POSITIVE, Choice, Flag, Int, Maybe, Real, rules
 from diffalign.ddim import ddim_step, gaussian_log_prob, set_timesteps, step_noise, step_std
-from diffalign.errors import BenchError, check_choice
+from diffalign.errors import BenchError
 from diffalign.policy_gradient import check_stochastic_sampler
 from diffalign.sampling import embed, guided_eps, replay_chain
 
 CONFIG_SECTION = "rlr"
 NEEDS_DIFFERENTIABLE_REWARD = False  # checked by the method itself: first_order=false works without
-DATA_PARALLEL = True  # each process rolls out its rows; the three terms are averaged over the processes before the
-                      # norms (the window distribution) and the update, the LOO baseline pools the whole batch
 J_DISTS = ("softmax-gradnorm", "uniform")
 HO_BASELINES = ("loo", "none")
 DEFAULTS = {
@@ -84,6 +83,13 @@ DEFAULTS = {
     "ho_weight": 1.0,              # term weights: 1, 1 = the paper's unbiased estimator; others reweight the
     "zo_weight": 1.0,              # steps (biased, recorded in the variant), as the code's ho/zo coefficients do
 }
+RULES = rules(DEFAULTS, {
+    "h": Int(1, 1000), "memory_budget_mb": Maybe(POSITIVE), "mem_backprop_step_mb": POSITIVE,
+    "mem_zo_step_mb": POSITIVE, "j_dist": Choice(J_DISTS), "j_temperature": POSITIVE,
+    "j_ema": Real(0.0, 1.0, hi_open=True), "zo_samples": Int(0, 10_000), "zo_eps": POSITIVE, "first_order": Flag(),
+    "ho_baseline": Choice(HO_BASELINES), "ho_weight": NONNEG, "zo_weight": NONNEG})
+SMOKE = {"rlr": ["rlr.batch_size=4"]}
+companion_baseline = None
 
 
 # ---- naming and validation ----------------------------------------------------------------------------
@@ -117,21 +123,19 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    r, T = cfg[CONFIG_SECTION], cfg["sampler"]["num_steps"]
-    if r["batch_size"] < 1:
-        raise BenchError("rlr.batch_size must be >= 1")
-    check_choice("rlr.j_dist", r["j_dist"], J_DISTS)
-    check_choice("rlr.ho_baseline", r["ho_baseline"], HO_BASELINES)
+    T = cfg["sampler"]["num_steps"]
     check_stochastic_sampler(cfg)  # the half-order term is a likelihood ratio on the sampler's noise
     if T < 2:
         raise BenchError("method rlr needs sampler.num_steps >= 2 (a last step and a half-order window)")
     h = window_length(cfg)
     if not 1 <= h <= T - 1:
         raise BenchError(f"rlr.h = {h}; accepted: 1..sampler.num_steps - 1 ({T - 1})")
-    if r["zo_samples"] < 0 or r["zo_eps"] <= 0:
-        raise BenchError("rlr.zo_samples must be >= 0 and rlr.zo_eps > 0")
-    if r["j_temperature"] <= 0 or not 0 <= r["j_ema"] < 1:
-        raise BenchError("rlr.j_temperature must be > 0 and rlr.j_ema in [0, 1)")
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process rolls out its rows; the three terms are averaged over the processes before the norms (the window
+    distribution) and the update, the LOO baseline pools the whole batch: any config."""
+    return None
 
 
 # ---- the estimator (the same functions run the analytic chain in tests/test_rlr.py) -----------------

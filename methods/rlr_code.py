@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.ddim import LOGPROB_REDUCTIONS, ddim_step
-from diffalign.errors import BenchError, check_choice
+from diffalign.contract import NONNEG, Int, rules
+from diffalign.ddim import ddim_step
 from diffalign.policy_gradient import SurrogateStats, batch_normalise, check_stochastic_sampler, ppo_clipped_surrogate
 from diffalign.sampling import guided_eps, sample
 
 CONFIG_SECTION = "rlr_code"
 NEEDS_DIFFERENTIABLE_REWARD = True   # the first-order step backpropagates the reward through the last step
-DATA_PARALLEL = True  # each process samples and trains its rows of the batch; the advantages use the gathered rewards
 MAX_LOG_RATIO = 20.0                 # the code's clamp of the log importance ratio
 DEFAULTS = {
     "batch_size": 8,
@@ -50,6 +49,9 @@ DEFAULTS = {
     "adv_clip": 5.0,
     "logprob_reduction": "mean",
 }
+RULES = rules(DEFAULTS, {"chain_len": Int(0, 1000), "ho_loss_coeff": NONNEG})
+SMOKE = {"rlr-code": ["rlr_code.batch_size=4"]}
+companion_baseline = None
 
 
 def variant(cfg) -> str:
@@ -59,14 +61,13 @@ def variant(cfg) -> str:
 
 
 def validate(cfg) -> None:
-    r = cfg[CONFIG_SECTION]
-    if r["batch_size"] < 1:
-        raise BenchError("rlr_code.batch_size must be >= 1")
-    check_choice("rlr_code.logprob_reduction", r["logprob_reduction"], LOGPROB_REDUCTIONS)
-    if r["chain_len"] < 0:
-        raise BenchError("rlr_code.chain_len must be >= 0 (0 = AlignProp with K = 1)")
-    if r["chain_len"] > 0:
+    if cfg[CONFIG_SECTION]["chain_len"] > 0:  # 0 = AlignProp with K = 1
         check_stochastic_sampler(cfg)
+
+
+def data_parallel(cfg, world: int) -> str | None:
+    """Each process samples and trains its rows of the batch; the advantages use the gathered rewards: any config."""
+    return None
 
 
 class Method:

@@ -17,7 +17,8 @@ import yaml
 
 from bench.core import schema
 from diffalign.errors import BenchError
-from methods import method_module
+from diffalign.store import load_yaml
+from methods import METHODS, method_module
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
@@ -48,9 +49,6 @@ COMMON: dict = {
     "tag": "",
     "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)
 }
-CHOICES = {"device": ("auto", "cpu", "cuda"), "mixed_precision": ("no", "fp16", "bf16"), "finetune": ("lora", "full"),
-           "nan_policy": ("skip", "stop")}
-
 # Keys added after runs were committed to the store.  At these values a config means exactly what it meant before
 # the key existed (the code behaved so), so a run's identity (``identity``, the sweep hash) leaves them out and the
 # committed runs keep their identity.  ``eval.fd`` only matters when "fd" is in eval.metrics.
@@ -88,7 +86,7 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     for k, v in over.items():
         key = f"{where}{k}"
         if k not in out:
-            raise BenchError(f"unknown config key {key!r}; accepted: {', '.join(sorted(f'{where}{x}' for x in out))}")
+            raise _unknown_key(key, where, out)
         if isinstance(out[k], dict):
             if not isinstance(v, dict):
                 raise BenchError(f"config key {key!r} must be a mapping with keys {', '.join(sorted(out[k]))}")
@@ -96,6 +94,17 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
         else:
             out[k] = _check_type(key, out[k], v)
     return out
+
+
+def _unknown_key(key: str, where: str, out: dict) -> BenchError:
+    """The error of a key that is not in the config: another method's section says whose it is."""
+    if not where and out.get("method") in METHODS:
+        owners = sorted(m for m in METHODS if method_module(m).CONFIG_SECTION == key)
+        if owners:
+            own = method_module(out["method"]).CONFIG_SECTION
+            return BenchError(f"config section {key!r} belongs to method {', '.join(owners)}; this run's method is "
+                              f"{out['method']} (section {own!r})")
+    return BenchError(f"unknown config key {key!r}; accepted: {', '.join(sorted(f'{where}{x}' for x in out))}")
 
 
 def _check_type(key: str, default, value):
@@ -157,11 +166,10 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
     base[module.CONFIG_SECTION] = copy.deepcopy(module.DEFAULTS)
     preset = preset or os.path.join(PRESETS, f"{method}.yaml")
     if os.path.isfile(preset):
-        with open(preset) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise BenchError(f"preset {preset!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        data = load_yaml(preset, "preset", "a YAML mapping of config keys") or {}
+        if not isinstance(data, dict):
+            raise BenchError(f"preset {preset!r} holds a YAML {type(data).__name__}, not a mapping; accepted: a YAML "
+                             "mapping of config keys")
         data.pop("method", None)
         base = _merge(base, data)
     elif preset != os.path.join(PRESETS, f"{method}.yaml"):
@@ -173,22 +181,10 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
 
 
 def validate(cfg: dict, module) -> None:
-    schema.check(cfg, module.CONFIG_SECTION)  # every key's type and range (bench/core/schema.py)
-    for key, accepted in CHOICES.items():
-        if cfg.get(key, accepted[0]) not in accepted:
-            raise BenchError(f"config key {key!r} = {cfg[key]!r}; accepted: {', '.join(accepted)}")
-    for key in ("steps", "checkpoint_every"):
-        if cfg[key] < 1:
-            raise BenchError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    if cfg["sampler"]["num_steps"] < 1 or cfg["eval"]["num_steps"] < 1:
-        raise BenchError("sampler.num_steps and eval.num_steps must be >= 1")
-    if cfg["eval"]["every"] < 1 or cfg["eval"]["num_seeds"] < 2:
-        raise BenchError("eval.every must be >= 1 and eval.num_seeds >= 2 (a standard error needs two)")
+    schema.check(cfg, module.CONFIG_SECTION, module.RULES)  # every key's type and range (bench/core/schema.py)
     if not 0 <= cfg["eval"]["kl_seeds"] <= cfg["eval"]["num_seeds"]:
         raise BenchError(f"eval.kl_seeds = {cfg['eval']['kl_seeds']}; accepted: 0 (off) .. eval.num_seeds")
-    if hasattr(module, "validate"):
-        module.validate(cfg)
-
+    module.validate(cfg)  # how the method's keys relate (each key's range is its RULES')
 
 
 def derive(cfg: dict, overrides: list[str]) -> Config:

@@ -367,7 +367,7 @@ def companion(run_dir: str, cfg: Config, summary: dict) -> dict:
     e.g. OGDM's gamma = 0 baseline): started, resumed or found complete in ``<run_dir>/baseline``; then the Frechet
     distance table of base model, baseline and this run.  Returns the summary with the baseline's under
     ``baseline``."""
-    ask = getattr(method_module(cfg.method), "companion_baseline", None)
+    ask = method_module(cfg.method).companion_baseline
     overrides = ask(cfg) if ask is not None else None
     if not overrides:
         return summary
@@ -408,17 +408,10 @@ def is_collective_failure(e: BaseException) -> bool:
 
 
 def check_data_parallel(cfg: Config, module, world: int) -> None:
-    """Several processes: only for methods that split their batches over them (``DATA_PARALLEL``)."""
-    from methods import METHODS
-
-    able = getattr(module, "DATA_PARALLEL", False)
-    why = able(cfg, world) if callable(able) else None
+    """Several processes: the method's ``data_parallel(cfg, world)`` says whether this config splits over them."""
+    why = module.data_parallel(cfg, world)
     if why:
         raise BenchError(f"method {cfg.method!r} on {world} processes: {why}; or run it on one process")
-    if not able:
-        ok = [m for m in METHODS if getattr(method_module(m), "DATA_PARALLEL", False)]
-        raise BenchError(f"method {cfg.method!r} does not split its batches over processes yet; accepted on {world} "
-                         f"processes: {', '.join(ok) or 'none'}; or run it on one")
 
 
 def device_of(cfg: Config) -> str:

@@ -50,7 +50,7 @@ from bench.outputs.plots import pyplot
 from diffalign import store
 from diffalign.errors import BenchError
 from diffalign.store import RunFolder
-from methods import METHODS
+from methods import METHODS, method_module
 from prompts import load_prompts
 
 BASELINES = os.path.join(store.RESULTS_ROOT, "baselines")
@@ -61,21 +61,10 @@ CURVES = ("eval_reward_mean", "fidelity", "kl_to_base")
 LOG_CURVES = ("kl_to_base",)  # positive, multiplicative spread: banded on log values
 LOG_FLOOR = math.log(1.5)
 
-# The short configuration: the method's own preset, shrunk to a few steps and a cheap evaluation.
+# The short configuration: the method's own preset, shrunk to a few steps and a cheap evaluation, and the method's
+# own smoke settings (its file's ``SMOKE[name]``).
 SHORT_COMMON = ["steps=4", "eval.every=2", "eval.grid_every=4", "checkpoint_every=4", "eval.num_seeds=2",
                 "eval.kl_seeds=1", "threads=1"]
-SHORT_METHOD = {
-    "alignprop": ["alignprop.batch_size=4", "alignprop.lr=0.005"],
-    # grad_accum 1: two updates per round, so the second is off-policy and PPO's clipping is exercised
-    "ddpo": ["ddpo.samples_per_step=8", "ddpo.grad_accum=1", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
-    "ddpo-sf": ["ddpo.samples_per_step=8", "ddpo.grad_accum=2", "ddpo.stat_min_count=8", "ddpo.stat_buffer=8"],
-    "dpok": ["dpok.g_batch=8", "dpok.p_step=2"],
-    "rlr": ["rlr.batch_size=4"],
-    "rlr-code": ["rlr_code.batch_size=4"],
-    "diffusion-dpo": ["diffusion_dpo.batch_size=8"],
-    "dde": ["dde.batch_size=8"],
-    "ogdm": ["ogdm.batch_size=8", "ogdm.baseline_run=false", "ogdm.gamma=0.1"],
-}
 
 
 RULE = {"k": K, "rel_floor": REL_FLOOR, "abs_floor": ABS_FLOOR, "log_floor": LOG_FLOOR, "log_curves": list(LOG_CURVES),
@@ -84,7 +73,7 @@ RULE = {"k": K, "rel_floor": REL_FLOOR, "abs_floor": ABS_FLOOR, "log_floor": LOG
 
 
 def short_overrides(method: str, extra: list[str] | None = None) -> list[str]:
-    return SHORT_COMMON + SHORT_METHOD.get(method, []) + list(extra or [])
+    return SHORT_COMMON + method_module(method).SMOKE[method] + list(extra or [])
 
 
 def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndarray, ...]:

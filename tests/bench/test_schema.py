@@ -47,7 +47,8 @@ BAD = {"wrong type (text)": "abc", "wrong type (number)": 3, "wrong type (list)"
 
 def _rule(key: str, section: str):
     if key.startswith(section + "."):
-        return schema.rules_for(section)[key.split(".", 1)[1]]
+        module = next(method_module(m) for m in METHODS if method_module(m).CONFIG_SECTION == section)
+        return module.RULES[key.split(".", 1)[1]]
     return schema.COMMON[key]
 
 
@@ -67,7 +68,7 @@ def _coerce(default, value):
 def test_every_key_of_every_method_has_a_rule():
     for name in METHODS:
         module = method_module(name)
-        assert set(schema.rules_for(module.CONFIG_SECTION)) == set(module.DEFAULTS), name
+        assert set(module.RULES) == set(module.DEFAULTS), name
     assert {k for k, _ in _keys(COMMON)} - DERIVED <= set(schema.COMMON)
 
 

@@ -1,4 +1,5 @@
-"""The house's floors, as a test: the ground floor imports nothing above it, and no method imports another.
+"""The house's floors, as a test: the ground floor imports nothing above it, no method imports another, and inside
+bench/ every room imports only downwards (cli, drivers, tools, core, outputs, tinyworld) with no two files of one name.
 
     bench/                       the harness (imports everything below)
     methods/  rewards/  prompts/ side by side (methods never import each other; none imports bench)
@@ -84,3 +85,46 @@ def test_a_planted_upward_import_or_method_to_method_import_fails(tmp_path):
         "methods/ddpo.py:1: method ddpo imports method alignprop",
         "methods/dpok.py:1: method dpok imports method ddpo",
     ], found
+
+
+# The harness's own rooms, top down: a file may import its own room or a room below it, never one above.
+BENCH_ROOMS = ["cli", "drivers", "tools", "core", "outputs", "tinyworld"]
+
+
+def bench_violations(root: str) -> list[str]:
+    """Upward imports between bench/'s rooms, and file names used twice in bench/ (``path:line: what``)."""
+    bad, names = [], {}
+    for path in _files(root, "bench"):
+        rel = os.path.relpath(path, os.path.join(root, "bench")).split(os.sep)
+        room = rel[0] if len(rel) > 1 else "cli"  # bench/cli.py, __main__.py, __init__.py: the top
+        if rel[-1] != "__init__.py":
+            names.setdefault(rel[-1], []).append(os.path.relpath(path, root))
+        for line, mod in imported_modules(path):
+            parts = mod.split(".")
+            if parts[0] != "bench" or len(parts) < 2 or parts[1] not in BENCH_ROOMS[1:]:
+                continue
+            if BENCH_ROOMS.index(parts[1]) < BENCH_ROOMS.index(room):
+                bad.append(f"{os.path.relpath(path, root)}:{line}: bench/{room}/ imports the room above it ({mod})")
+    bad += [f"{paths[0]}: the name {name} is used again in {', '.join(paths[1:])}"
+            for name, paths in sorted(names.items()) if len(paths) > 1]
+    return bad
+
+
+def test_bench_rooms_import_only_downwards_and_no_two_files_share_a_name():
+    assert bench_violations(ROOT) == []
+
+
+def test_a_planted_upward_import_or_a_second_file_of_one_name_in_bench_fails(tmp_path):
+    for room in ("core", "outputs", "tinyworld", "drivers"):
+        (tmp_path / "bench" / room).mkdir(parents=True)
+    (tmp_path / "bench" / "cli.py").write_text("from bench.drivers import sweep\n")               # allowed
+    (tmp_path / "bench" / "core" / "run.py").write_text("from bench.outputs import plots\n")     # allowed
+    (tmp_path / "bench" / "tinyworld" / "judge.py").write_text(
+        "import torch\n\ndef f():\n    from bench.outputs.plots import save_grid\n")
+    (tmp_path / "bench" / "core" / "quality.py").write_text("from bench.drivers.sweep import run_one\n")
+    (tmp_path / "bench" / "outputs" / "quality.py").write_text("x = 1\n")
+    assert bench_violations(str(tmp_path)) == [
+        "bench/core/quality.py:1: bench/core/ imports the room above it (bench.drivers.sweep)",
+        "bench/tinyworld/judge.py:4: bench/tinyworld/ imports the room above it (bench.outputs.plots)",
+        "bench/core/quality.py: the name quality.py is used again in bench/outputs/quality.py",
+    ]

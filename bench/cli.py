@@ -26,7 +26,7 @@ from bench.core import run
 from bench.core.config import resolve
 from bench.drivers import leaderboard, regress, sweep
 from bench.outputs import table
-from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side
+from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side, warn_mixed_rewards
 from bench.outputs.report import write_report
 from diffalign.errors import BenchError
 from diffalign.store import safe_name
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _selection(h)
     h.add_argument("--out", required=True, help="HTML file")
     h.add_argument("--metric", action="append", help="curves to show (default: eval reward + held-out metrics)")
-    h.add_argument("--x", default="step")
+    h.add_argument("--x", help="one x-axis for every curve (default: the eval reward against images, UNet passes "
+                                "and step, the held-out metrics against images)")
     h.add_argument("--grid-step", type=int)
     h.add_argument("--threshold", type=float)
     h.add_argument("--title", default="DiffAlign report")
@@ -187,6 +188,7 @@ def _compare(args) -> int:
     if not (args.out or args.out_dir or args.grid):
         raise BenchError("compare needs --out FILE (one figure), --out-dir DIR (a figure per metric) or --grid FILE")
     runs = _select(args, complete_only=False)
+    warn_mixed_rewards(runs)  # several training rewards: one line, and a panel (figure) per reward
     metrics = args.metric or ["eval_reward_mean"]
     if args.out:
         plot_metrics(runs, metrics, args.x, args.out, args.title)

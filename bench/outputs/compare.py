@@ -10,13 +10,21 @@ The x-axis is any cost papers use, because they disagree: ``step``, ``images`` (
 or ``wall_time``.  Seeds are aligned by optimizer step (every seed evaluates at the same steps) and the
 x value of a point is the seeds' mean at that step (identical across seeds for the counters).
 
-``--out-dir`` writes one figure per metric, PNG and SVG, at paper column width (3.3 in); ``--out FILE``
-keeps the older form: every metric as a panel of one figure.
+``--out-dir`` writes one figure per metric (and per training reward), PNG and SVG, at paper column width (3.3 in);
+``--out FILE`` keeps the older form: every metric as a panel of one figure, a row of panels per training reward.
+Runs trained on different rewards are never drawn on one axis: each reward gets its own figure (``--out-dir``) or
+row of panels (``--out``), titled with the reward, and ``compare`` says so in one line on stderr.
+
+Every method has its own colour, the same in every figure (``method_style``); the variants of one method differ by
+line style and marker.  A group whose x never moves (OGDM generates no images; DDE and Diffusion-DPO draw their
+whole pool before their first step) is a vertical line with error bars, and its legend entry gives that x.  Legends
+sit under the axes and are inside the saved image (``bbox_inches="tight"``).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -35,6 +43,13 @@ Y_LABELS = {"eval_reward_mean": "eval reward (held-out prompts)", "win_rate": "w
             "fidelity": "prompt fidelity (judge)",
             "kl_to_base": "KL to base model (nats)"}
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
+# One colour per method (tab10, in the order of the method registry, then further colours for any other name); the
+# variants of a method take its colour with a line style and a marker of their own.
+METHOD_ORDER = ("alignprop", "ddpo", "ddpo-sf", "dpok", "rlr", "rlr-code", "diffusion-dpo", "dde", "ogdm")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#e7ba52", "#637939", "#ad494a", "#7b4173", "#3182bd")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 @dataclasses.dataclass
@@ -151,6 +166,89 @@ def select_runs(paths: list[str], methods: list[str] | None = None, rewards: lis
     return sorted(kept, key=lambda r: (r.reward, r.method, str(r.cfg.get("variant", "")), r.seed, r.path))
 
 
+def method_style(method: str, variant_index: int = 0, others: tuple[str, ...] = ()) -> dict:
+    """Line colour, style and marker of a method's ``variant_index``-th variant: the colour is the method's own
+    (the same in every figure), the style and marker the variant's.  ``others``: the methods of the selection, so a
+    method outside ``METHOD_ORDER`` gets a colour no listed method has."""
+    if method in METHOD_ORDER:
+        colour = PALETTE[METHOD_ORDER.index(method)]
+    else:
+        extra = sorted({m for m in others if m not in METHOD_ORDER} | {method})
+        colour = PALETTE[(len(METHOD_ORDER) + extra.index(method)) % len(PALETTE)]
+    return {"color": colour, "linestyle": LINESTYLES[variant_index % len(LINESTYLES)],
+            "marker": MARKERS[variant_index % len(MARKERS)]}
+
+
+def _styles(labels: list[tuple[str, str]]) -> dict[str, dict]:
+    """(method, label) pairs -> each label's ``method_style`` (variants numbered within their method, in order)."""
+    methods = tuple(dict.fromkeys(m for m, _ in labels))
+    seen: dict[str, list[str]] = {}
+    out = {}
+    for method, label in labels:
+        variants = seen.setdefault(method, [])
+        if label not in variants:
+            variants.append(label)
+        out[label] = method_style(method, variants.index(label), methods)
+    return out
+
+
+def legend_label(label: str, width: int = 44) -> str:
+    """A long group label (method [variant]) broken onto lines at its '/' so the legend stays narrow."""
+    if len(label) <= width:
+        return label
+    lines, line = [], ""
+    for part in re.split(r"(?<=/)", label):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = "   " + part
+        else:
+            line += part
+    return "\n".join(lines + [line])
+
+
+def warn_mixed_rewards(runs: list[RunData]) -> list[str]:
+    """The selection's training rewards; with several, one line on stderr: each gets its own panel or figure."""
+    rewards = sorted({r.reward for r in runs})
+    if len(rewards) > 1:
+        sys.stderr.write(f"warning: these runs were trained on {len(rewards)} rewards ({', '.join(rewards)}); each "
+                         "reward gets its own panels, never one axis (narrow with --reward)\n")
+        sys.stderr.flush()
+    return rewards
+
+
+def _draw_groups(ax, members_by_label: dict[str, list[RunData]], metric: str, x: str, styles: dict,
+                 ms=None) -> list[str]:
+    """A line per group (mean over seeds, +/- 1 SE band) on ``ax``.  A group whose x never moves (OGDM generates no
+    images; the preference methods draw their whole pool before their first step) is drawn as it is, a vertical
+    line with error bars, and its legend entry says so.  Returns the legend labels drawn, in the groups' order."""
+    drawn = []
+    for label, members in members_by_label.items():
+        xs, mean, se, n = mean_curve(members, metric, x)
+        if not n:
+            continue
+        style = dict(styles[label], **({"ms": ms} if ms else {}))
+        if x != "step" and len(xs) > 1 and float(np.nanmax(xs)) == float(np.nanmin(xs)):
+            text = legend_label(f"{label} (n={n}; {X_LABELS.get(x, x)}: {xs[0]:g} at every step)")
+            ax.errorbar(xs, mean, yerr=se if n > 1 else None, capsize=2, elinewidth=0.6, label=text, **style)
+        else:
+            text = legend_label(f"{label} (n={n})")
+            line, = ax.plot(xs, mean, label=text, **style)
+            if n > 1:
+                ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.15, lw=0)
+        drawn.append(text)
+    return drawn
+
+
+def _handles(axes, order: list[str]) -> tuple[list, list[str]]:
+    """The legend handles of ``axes`` for the labels ``order`` (each once, in that order)."""
+    found = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            found.setdefault(label, h)
+    labels = [label for label in dict.fromkeys(order) if label in found]
+    return [found[label] for label in labels], labels
+
+
 def group_label(run: RunData, runs: list[RunData]) -> str:
     """The method's name; with its variant when the selection holds several variants of that method."""
     variants = {str(r.cfg.get("variant", "")) for r in runs if r.method == run.method}
@@ -194,40 +292,33 @@ def _check_axes(runs: list[RunData], metrics: list[str], x: str) -> None:
 
 
 def plot_curves(runs: list[RunData], metrics: list[str], x: str, out_dir: str, title: str = "") -> list[str]:
-    """One figure per (reward, metric): a line per method (mean over seeds, +/- 1 SE band); PNG and SVG.
+    """One figure per (training reward, metric): a line per method (mean over seeds, +/- 1 SE band); PNG and SVG.
 
     Returns the written paths.  File names: ``<reward>__<metric>__<x>.png|svg`` (reward left out when
-    the selection holds one reward)."""
+    the selection holds one reward); every title names the reward."""
     _check_axes(runs, metrics, x)
     plt = pyplot()
     by_group = groups(runs)
     rewards = sorted({rw for rw, _ in by_group})
+    styles = _styles([(members[0].method, label) for (_, label), members in by_group.items()])
     written = []
     for reward in rewards:
+        mine = {label: members for (rw, label), members in by_group.items() if rw == reward}
         for m in metrics:
             with plt.rc_context(PAPER_STYLE):
                 fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.3))
-                drawn = 0
-                for (rw, label), members in by_group.items():
-                    if rw != reward:
-                        continue
-                    xs, mean, se, n = mean_curve(members, m, x)
-                    if not n:
-                        continue
-                    line, = ax.plot(xs, mean, marker="o", label=f"{label} (n={n})")
-                    if n > 1:
-                        ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
-                    drawn += 1
+                drawn = _draw_groups(ax, mine, m, x, styles)
                 if not drawn:  # no run of this reward has the metric
                     plt.close(fig)
                     continue
                 ax.set_xlabel(X_LABELS[x])
                 ax.set_ylabel(Y_LABELS.get(m, m))
-                ax.set_title(title or (f"{m} on {reward}" if len(rewards) > 1 else m))
+                ax.set_title(f"{title}: {m}, trained on {reward}" if title else f"{m}, trained on {reward}")
                 ax.grid(alpha=0.3, lw=0.5)
                 fig.tight_layout(pad=0.3)
-                # the legend under the axes, never over the curves (labels with variants are long)
-                ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.22), frameon=False, borderaxespad=0.0)
+                # the legend under the axes, never over the curves; bbox_inches="tight" keeps it in the image
+                ax.legend(*_handles([ax], drawn), loc="upper left", bbox_to_anchor=(0.0, -0.22), frameon=False,
+                          borderaxespad=0.0)
                 stem = "__".join(([safe_name(reward)] if len(rewards) > 1 else []) + [safe_name(m), x])
                 for ext in ("png", "svg"):
                     path = os.path.join(out_dir, f"{stem}.{ext}")
@@ -238,31 +329,37 @@ def plot_curves(runs: list[RunData], metrics: list[str], x: str, out_dir: str, t
 
 
 def plot_metrics(runs: list[RunData], metrics: list[str], x: str, out: str, title: str = "") -> None:
-    """The one-file form: every metric as a panel of one figure, a line per method and variant."""
+    """The one-file form: every metric a panel, a row of panels per training reward (titled with it), a line per
+    method and variant; one legend under the panels, inside the saved image."""
     _check_axes(runs, metrics, x)
     plt = pyplot()
-    by_variant: dict[str, list[RunData]] = {}
+    rewards = sorted({r.reward for r in runs})
+    by_variant: dict[tuple[str, str], list[RunData]] = {}
     for r in runs:
-        by_variant.setdefault(f"{r.method}: {r.cfg.get('variant', '')}", []).append(r)
-    legend_in = 0.17 * len(by_variant) + 0.2  # the legend goes under the panels: variant names are long
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 2.8 + legend_in), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        for label, members in by_variant.items():
-            xs, mean, se, n = mean_curve(members, m, x)
-            if not n:
-                continue
-            line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={n})")
-            if n > 1:
-                ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel(X_LABELS.get(x, x))
-        ax.set_ylabel(Y_LABELS.get(m, m))
-        ax.grid(alpha=0.3, lw=0.5)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False, ncol=1)
+        by_variant.setdefault((r.reward, f"{r.method}: {r.cfg.get('variant', '')}"), []).append(r)
+    styles = _styles([(members[0].method, label) for (_, label), members in by_variant.items()])
+    fig, axes = plt.subplots(len(rewards), len(metrics), figsize=(3.6 * len(metrics), 2.8 * len(rewards)),
+                             squeeze=False)
+    order = []
+    for row, reward in zip(axes, rewards):
+        mine = {label: members for (rw, label), members in by_variant.items() if rw == reward}
+        for ax, m in zip(row, metrics):
+            drawn = _draw_groups(ax, mine, m, x, styles, ms=3)
+            order += drawn
+            if not drawn:
+                ax.text(0.5, 0.5, f"no run trained on {reward} has {m}", transform=ax.transAxes, ha="center",
+                        fontsize=7, color="0.4")
+            ax.set_xlabel(X_LABELS.get(x, x))
+            ax.set_ylabel(Y_LABELS.get(m, m))
+            ax.set_title(f"trained on {reward}", fontsize=8)
+            ax.grid(alpha=0.3, lw=0.5)
+    handles, labels = _handles(axes.flat, order)  # every group of every panel, once
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, legend_in / (2.8 + legend_in), 1, 1))
-    save_figure(fig, out, dpi=120)
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               fontsize=7, frameon=False, ncol=1 if len(labels) < 6 or len(metrics) < 2 else 2)
+    save_figure(fig, out, dpi=120, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
 
 

@@ -35,8 +35,10 @@ What the tables say, per reward, per method (its runs over the protocol's seeds)
 The overall table: per method, mean rank over the rewards it ran on, the rewards it beats the base model on, flags,
 and its mean cost per run.  ``leaderboard.json`` in the root keeps the protocol (and its hash), every driver session
 (start, end, machine, executor, runs complete before and after) and the numbers; ``leaderboard.md`` the tables;
-``gains.png`` / ``.svg`` the figure (gain in SE per method, a panel per reward, the 3-SE line drawn); ``summary.md`` a
-line per method (what the README shows, between its ``<!-- leaderboard NAME -->`` markers, with ``--readme``).
+``gains.png`` / ``.svg`` the figure (gain in SE per method, a panel per reward, the 3-SE line drawn);
+``leaderboard.html`` the tables and the figure as one page (``bench.outputs.leaderboard_page``: its rows ranked by the
+gain in SE, the quantity bold marks; refusals in rows of their own); ``summary.md`` a line per method (what the
+README shows, between its ``<!-- leaderboard NAME -->`` markers, with ``--readme``).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ import pandas as pd
 import yaml
 
 from bench.drivers import sweep
+from bench.outputs import leaderboard_page
 from bench.outputs.compare import RunData
 from diffalign import store
 from diffalign.errors import BenchError
@@ -579,48 +582,6 @@ def figure(p: Protocol, board: dict, stem: str) -> list[str]:
     return paths
 
 
-def html_page(md: str, figure_png: str | None) -> str:
-    """The leaderboard as one self-contained HTML page: the Markdown's headings, paragraphs and tables, the figure
-    embedded (the report's style)."""
-    import html
-    import re
-
-    from bench.outputs.report import STYLE, data_uri
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-    out, rows = [], []
-
-    def flush():
-        if rows:
-            head, body = rows[0], [r for r in rows[2:]]
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</table>")
-            rows.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        flush()
-        if line.startswith("## "):
-            out.append(f"<h2>{inline(line[3:])}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{inline(line[2:])}</h1>")
-            if figure_png:
-                out.append(f'<img src="{data_uri(figure_png)}" alt="gain in SE per method and reward">')
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush()
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>DiffAlign leaderboard</title>"
-            f"<link rel=icon href='data:,'><style>{STYLE}</style></head>\n<body>\n" + "\n".join(out)
-            + "\n</body></html>\n")
-
-
 def write_outputs(p: Protocol) -> list[str]:
     """leaderboard.md, leaderboard.html, leaderboard.json (numbers), gains.png/.svg, from the runs complete so far."""
     board = build(p)
@@ -636,7 +597,8 @@ def write_outputs(p: Protocol) -> list[str]:
     store.atomic_write_text(os.path.join(p.root, "summary.md"), summary(p, board))
     paths.append(os.path.join(p.root, "summary.md"))
     page = os.path.join(p.root, "leaderboard.html")
-    store.atomic_write_text(page, html_page(text, paths[2] if board["runs_complete"] else None))
+    store.atomic_write_text(page, leaderboard_page.html_page(p, board, text,
+                                                             paths[2] if board["runs_complete"] else None))
     return paths + [page]
 
 

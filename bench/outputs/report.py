@@ -138,11 +138,13 @@ def _run_html(run: RunData, page_dir: str) -> str:
     manifest = html.escape(json.dumps({k: run.manifest.get(k) for k in ("status", "start_time", "end_time", "git",
                                                                          "device", "torch_threads", "resumes")
                                        if k in run.manifest}, indent=1, default=str))
+    # a slimmed sweep (committed results) keeps no start-vs-end grid: link it only where it is
+    has_grid = os.path.isfile(os.path.join(run.path, "grids", "start_vs_end.png"))
+    grid = f' &middot; <a href="{html.escape(rel)}/grids/start_vs_end.png">start vs end grid</a>' if has_grid else ""
     return (f'<details><summary><a href="{html.escape(rel)}/">{html.escape(name)}</a> &mdash; '
             f"{html.escape(run.method)} / {html.escape(run.reward)} / seed {run.seed}"
             f"{' &mdash; ' + line if line else ''}</summary>"
-            f'<p><a href="{html.escape(rel)}/metrics.csv">metrics.csv</a> &middot; '
-            f'<a href="{html.escape(rel)}/grids/start_vs_end.png">start vs end grid</a></p>'
+            f'<p><a href="{html.escape(rel)}/metrics.csv">metrics.csv</a>{grid}</p>'
             f"<pre>{cfg}</pre><pre>{manifest}</pre></details>")
 
 

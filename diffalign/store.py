@@ -46,8 +46,25 @@ from diffalign.errors import BenchError
 class FolderBusy(BenchError):
     """Another process holds the run folder's writer lock."""
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_ROOT = "results"  # relative to the working directory: runs land where the user runs them
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# The folder that holds the packages (diffalign/, bench/, methods/, rewards/, prompts/): the checkout, or for an
+# installed wheel its site-packages.  Code is found here (the evaluation cache hashes it).
+CODE_ROOT = os.path.dirname(_PACKAGE)
+# The folder that holds models/ (the tiny world's committed weights): the checkout; an installed wheel carries them as
+# package data, diffalign/models/ (pyproject.toml maps models/ there), so for an installed package it is diffalign/.
+PROJECT_ROOT = _PACKAGE if os.path.isdir(os.path.join(_PACKAGE, "models")) else CODE_ROOT
+IN_CHECKOUT = PROJECT_ROOT == CODE_ROOT
+RESULTS_ROOT = "results"  # relative to the working directory: runs land where the user runs them, checkout or not
+CACHE_ENV = "DIFFALIGN_CACHE"
+
+
+def user_cache_dir() -> str:
+    """Where DiffAlign keeps what it can compute again (the step-0 evaluations): ``$DIFFALIGN_CACHE``, else
+    ``$XDG_CACHE_HOME/diffalign``, else ``~/.cache/diffalign`` (the XDG base directory rule), checkout or not."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "diffalign")
 
 
 def project_path(path: str | None) -> str | None:
@@ -110,8 +127,33 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, yaml.YAMLError):
+        return yaml_problem(e)
     text = str(e).strip()
     return (text.splitlines()[0][:160] if text else type(e).__name__)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line, with where it is: 'line 3, column 7: mapping values are not allowed here
+    (while scanning a simple key)' (yaml's problem mark; its lines and columns counted from 1, as editors do)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def load_yaml(path: str, what: str, accepted: str):
+    """A YAML file the user hands in (a preset, a sweep or protocol file); a syntax error is one error line naming
+    ``what`` and the file, the line and column of the problem, and what is ``accepted``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise BenchError(f"{what} {path!r} is not valid YAML: {yaml_problem(e)}; accepted: {accepted}") from None
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); accepted: "
+                         f"{accepted}") from None
 
 
 def damaged(path: str, e: BaseException, accepted: str) -> BenchError:

@@ -3,8 +3,12 @@
 At step 0 every run evaluates the base model: its LoRA adapter starts as a no-op (B = 0) and full fine-tuning
 starts from the base weights, so the evaluation depends only on what the key below holds, never on the method,
 its settings or the run's seed.  The cache keeps that evaluation (metrics, per-image scores, the images as the
-grids store them, 8-bit) under ``results/cache/eval0/<key>.pt`` and a run with the same key loads it instead of
+grids store them, 8-bit) under ``<user cache>/eval0/<key>.pt`` and a run with the same key loads it instead of
 sampling again: the numbers are the ones a fresh evaluation gives, bit for bit (tests/bench/test_evalcache.py).
+The user cache is ``diffalign.store.user_cache_dir()``: ``$DIFFALIGN_CACHE``, else ``$XDG_CACHE_HOME/diffalign``,
+else ``~/.cache/diffalign``; one folder for every run of the user, wherever it runs and wherever its run folder
+goes (``--out``), checkout or installed package, so the cache is hit across runs and no run writes into the
+checkout (or site-packages) for it.
 
 The key is a SHA-256 over
 
@@ -17,7 +21,8 @@ The key is a SHA-256 over
 - the code of the evaluation: the source of every module it runs (``CODE``), and of any plug-in reward.
 
 Change any of them and the key changes, so a stale evaluation is never reused.  ``DIFFALIGN_EVAL_CACHE=0`` turns
-the cache off; ``DIFFALIGN_EVAL_CACHE=<folder>`` puts it elsewhere.
+the cache off; ``DIFFALIGN_EVAL_CACHE=<folder>`` puts the step-0 evaluations in that folder itself.  A cache that
+cannot be written (a read-only home) costs one warning line, never the run.
 """
 from __future__ import annotations
 
@@ -26,10 +31,12 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import torch
 
-from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, atomic_write_with
+from diffalign import store
+from diffalign.store import CODE_ROOT, PROJECT_ROOT, atomic_write_with
 
 CACHE_ENV = "DIFFALIGN_EVAL_CACHE"
 BIG = 64 * 2 ** 20
@@ -71,12 +78,12 @@ def _hash_tree(h, root: str) -> None:
 
 def code_hash() -> str:
     h = hashlib.sha256()
-    files = [os.path.join(PROJECT_ROOT, p) for p in CODE]
+    files = [os.path.join(CODE_ROOT, p) for p in CODE]
     for d in CODE_DIRS:
-        base = os.path.join(PROJECT_ROOT, d)
+        base = os.path.join(CODE_ROOT, d)
         files += [os.path.join(base, f) for f in sorted(os.listdir(base)) if f.endswith((".py", ".txt"))]
     for path in sorted(set(files)):
-        h.update(os.path.relpath(path, PROJECT_ROOT).encode())
+        h.update(os.path.relpath(path, CODE_ROOT).encode())
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -111,7 +118,8 @@ def key(cfg, model_path: str, device: str) -> str:
                 "finetune": cfg.get("finetune", "lora"), "mixed_precision": cfg["mixed_precision"],
                 "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "env": {k: v for k, v in sorted(os.environ.items())  # the variables that point at weights
-                        if k.startswith("DIFFALIGN_") and k != CACHE_ENV and os.path.exists(v)},
+                        if k.startswith("DIFFALIGN_") and k not in (CACHE_ENV, store.CACHE_ENV)
+                        and os.path.exists(v)},
                 "code": code_hash(), "plugins": _plugin_sources([cfg["reward"], *cfg["eval"]["metrics"]])}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -119,7 +127,7 @@ def key(cfg, model_path: str, device: str) -> str:
 
 def path_of(k: str) -> str:
     where = os.environ.get(CACHE_ENV, "1")
-    root = where if where not in ("1", "true", "yes", "") else os.path.join(RESULTS_ROOT, "cache", "eval0")
+    root = where if where not in ("1", "true", "yes", "") else os.path.join(store.user_cache_dir(), "eval0")
     return os.path.join(root, f"{k}.pt")
 
 
@@ -135,5 +143,10 @@ def load(k: str) -> dict | None:
 
 
 def save(k: str, entry: dict) -> None:
-    if enabled():
+    if not enabled():
+        return
+    try:
         atomic_write_with(path_of(k), lambda b: torch.save(entry, b))
+    except OSError as e:  # a cache is a saving, never a reason to fail a run
+        print(f"warning: the step-0 evaluation was not cached ({path_of(k)}: {e.strerror or e}); set "
+              f"{store.CACHE_ENV} to a writable folder, or {CACHE_ENV}=0 to turn the cache off", file=sys.stderr)

@@ -110,6 +110,9 @@ def _resolve(base: str, spec: str) -> str:
     if "[" in base or "]" in base:
         raise BenchError(f"prompt set {spec!r}: cannot read its '[...]' suffix; accepted: [START:STOP] with "
                          "non-negative whole numbers, e.g. simple-animals[:10]")
+    if "/" in base or os.sep in base or base.endswith(".txt"):  # meant as a file, not a set's name
+        raise BenchError(f"prompt file {base!r} not found; accepted: a prompt set name ({', '.join(available())}) "
+                         "or an existing .txt file (or .csv, .tsv, .json, .jsonl, .parquet)")
     which = f" (no set or file {base!r})" if base != spec else ""
     raise BenchError(f"unknown prompt set {spec!r}{which}; accepted: {', '.join(available())} "
                      f"or a path to a prompt file ({FORMATS})")

@@ -247,7 +247,7 @@ class Run:
                 self.ctx.step = self.step
                 # 2. one optimizer update, the method's own recipe
                 with self.ctx.accelerator.autocast():
-                    metrics = self.method.step()
+                    metrics = self.ctx.mean_metrics(self.method.step())  # several processes: averaged over them
                 if signal_after and self.step == signal_after:
                     os.kill(os.getpid(), signal.SIGTERM)  # the real signal, as a scheduler sends it
                 # 3. evaluate every eval.every steps and at the end
@@ -257,7 +257,7 @@ class Run:
                     ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last, final=last)
                 self.record(metrics, ev)
                 bar.update(1)
-                bar.set_postfix({"reward": f"{metrics.get('reward_mean', float('nan')):.4f}"}, refresh=False)
+                bar.set_postfix(progress_postfix(metrics), refresh=False)
                 # 4. checkpoint every checkpoint_every steps and at the end
                 if self.step % cfg.checkpoint_every == 0 or last:
                     self.checkpoint()
@@ -295,6 +295,15 @@ class Run:
         folder.update_manifest(status="complete", end_time=now(), eval0=self.eval0_source)
         self.ctx.barrier()
         return summary
+
+
+def progress_postfix(metrics: dict) -> dict[str, str]:
+    """The progress bar's metric: the training batch's reward where the method reports one (the sampling methods),
+    else its loss (the preference methods), else none: never a nan for a metric the method does not return."""
+    for key, label in (("reward_mean", "reward"), ("loss", "loss")):
+        if key in metrics:
+            return {label: f"{float(metrics[key]):.4f}"}
+    return {}
 
 
 def new_run_dir(cfg: Config, root: str | None = None) -> str:
@@ -340,7 +349,8 @@ def resume(run_dir: str, locked: bool = False) -> tuple[str, dict]:
     already holds the folder's writer lock (a sweep)."""
     folder = RunFolder(run_dir)
     if not os.path.isfile(folder.config_path):
-        raise BenchError(f"cannot resume {run_dir!r}: no config.yaml there; accepted: a run folder under results/")
+        raise BenchError(f"no run folder at {run_dir!r} (no config.yaml); accepted: a run folder written by bench run "
+                         "(any path)")
     run = Run(Config(folder.read_config()), folder)
     manifest = folder.read_manifest()
     if manifest.get("processes", 1) != run.world and manifest.get("status") != "complete":

@@ -84,7 +84,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
         (base + ["--method", "alignprop", "oops"], "bad override 'oops'; accepted: KEY=VALUE"),
         (base + ["--method", "alignprop", "alignprop.truncation=last-k"], "accepted: full, per_step, last_k"),
         (base + ["--method", "alignprop", "--reward", "jpeg-compressibility"], "is not differentiable"),
-        (["run", "--resume", str(tmp_path / "nothing")], "no config.yaml there"),
+        (["run", "--resume", str(tmp_path / "nothing")], "(no config.yaml); accepted: a run folder written by"),
         (base + ["--method", "ddpo", "sampler.eta=0"], "policy gradients need a stochastic sampler; accepted: eta > 0"),
         (base + ["--method", "ddpo-sf", "ddpo.estimator=is"], "method 'ddpo-sf' needs ddpo.estimator=sf"),
         (base + ["--method", "dpok", "dpok.baseline=critic"], "'dpok.baseline' = 'critic'; accepted: batch, value"),

@@ -1,6 +1,7 @@
 """Command line: ``python -m bench run|list|compare|sweep|table|report|regress``, one handler each.
 
     python -m bench run --method alignprop [--reward R] [--steps N] [--seed S] [--set KEY=VALUE ...]
+    python -m bench run --method alignprop --quick  # a smoke run: 2 steps, the smallest evaluation, tagged quick
     python -m bench run --resume RUN_DIR
     python -m bench list
     python -m bench compare RUN_DIR ... --metric kl_to_base --x images --out kl.png
@@ -19,6 +20,7 @@ nothing is written before the whole run has been checked.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -29,7 +31,7 @@ from bench.outputs import table
 from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side, warn_mixed_rewards
 from bench.outputs.report import write_report
 from diffalign.errors import BenchError
-from diffalign.store import safe_name
+from diffalign.store import RunFolder, safe_name
 from methods import METHODS
 from prompts import available as available_prompt_sets
 from rewards import REGISTRY
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, dotted keys, repeatable (e.g. alignprop.lr=3e-4)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    r.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2 steps, evaluated at the start and end only with 2 seeds and 1 KL seed, no FD, "
+                        "tagged quick (your --steps/--set win)")
     r.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides")
     r.set_defaults(handler=_run)
     sub.add_parser("list", help="methods, rewards and prompt sets").set_defaults(handler=_list)
@@ -159,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
 # ---- one handler per subcommand ---------------------------------------------------------------------------
 
 def _run(args) -> int:
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
     if args.resume:
+        if args.quick:
+            raise BenchError("--quick sets up a new run; accepted: --resume RUN_DIR alone (a run resumes with the "
+                             "config it started with)")
+        complete = RunFolder(args.resume).status() == "complete"
         run_dir, summary = run.resume(args.resume)
-        method = "resumed run"
+        method = f"{RunFolder(run_dir).read_config().get('method', 'run')} "
+        method += "(already complete: nothing to resume)" if complete else "(resumed)"
     else:
         if not args.method:
             raise BenchError("run needs --method (or --resume RUN_DIR); see 'python -m bench list'")
@@ -169,12 +180,38 @@ def _run(args) -> int:
         for key in ("reward", "steps", "seed", "model"):
             if getattr(args, key) is not None:
                 overrides.append(f"{key}={getattr(args, key)}")
+        if args.quick:
+            overrides, what = quick_overrides(args.method, overrides, args.preset)
+            if main_process:
+                _say(f"quick: a smoke run, not a measurement ({what}); its config.yaml holds these settings")
         cfg = resolve(args.method, overrides, args.preset)
         method = cfg.method
         run_dir, summary = run.start(cfg, args.out)
-    if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary line per run, from its main process
+    if main_process:  # one summary line per run, from its main process
         print(summary_line(method, summary, run_dir))
     return 0
+
+
+QUICK = ["steps=2", "eval.num_seeds=2", "eval.kl_seeds=1"]  # the smallest evaluation with every metric: an SE
+# needs two seeds, the KL to base one; every eval prompt stays (the held-out metrics and fidelity are per prompt)
+
+
+def quick_overrides(method: str, overrides: list[str], preset: str | None) -> tuple[list[str], str]:
+    """``bench run --quick``: 2 steps, evaluated at the start and the end only (grids too), 2 eval seeds, 1 KL seed, no
+    Frechet distance, tagged ``quick``; the user's own overrides win.  Returns the overrides and what they set."""
+    first = resolve(method, QUICK + overrides, preset)  # the steps, metrics and tag after the user's overrides
+    steps = first["steps"]
+    quick = QUICK + [f"eval.every={steps}", f"eval.grid_every={steps}"]
+    metrics = [m for m in first["eval"]["metrics"] if m != "fd"]
+    if metrics != list(first["eval"]["metrics"]):
+        quick.append(f"eval.metrics={json.dumps(metrics)}")
+    tag = first["tag"] if "quick" in first["tag"].split("-") else "-".join(t for t in (first["tag"], "quick") if t)
+    final = resolve(method, quick + overrides + [f"tag={json.dumps(tag)}"], preset)
+    e = final["eval"]
+    what = (f"steps={final['steps']}, eval.num_seeds={e['num_seeds']}, eval.kl_seeds={e['kl_seeds']}, "
+            f"eval.every={e['every']}, eval.grid_every={e['grid_every']}, "
+            f"{'FD' if 'fd' in e['metrics'] else 'no FD'}, tag={final['tag']}")
+    return quick + overrides + [f"tag={json.dumps(tag)}"], what
 
 
 def _list(args) -> int:

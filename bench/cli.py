@@ -1,4 +1,5 @@
-"""Command line: ``python -m bench run|list|compare|sweep|table|report|regress``, one handler each.
+"""Command line: ``python -m bench run|list|compare|sweep|table|report|regress|leaderboard``, one handler each; the
+installed console script ``diffalign`` is the same CLI (``diffalign run --method alignprop --quick``).
 
     python -m bench run --method alignprop [--reward R] [--steps N] [--seed S] [--set KEY=VALUE ...]
     python -m bench run --method alignprop --quick  # a smoke run: 2 steps, the smallest evaluation, tagged quick
@@ -43,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench", description="DiffAlign: align text-to-image diffusion models, side by side.")
+    prog = "diffalign" if os.path.basename(sys.argv[0]) == "diffalign" else "python -m bench"  # as it was started
+    p = _Parser(prog=prog, description="DiffAlign: align text-to-image diffusion models, side by side.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run one method (or resume a run)")
     r.add_argument("--method", help="alignprop, ... (see 'bench list')")

@@ -22,8 +22,9 @@ A method module (``methods/<name>.py``) declares, top to bottom:
 
 ``ctx`` satisfies ``MethodContext``: the pipeline with its LoRA, the reward, the prompts, the RNG and the cost
 counters, and the few operations every method needs.  A method says what it computes over the global batch; the
-context keeps each process's rows and gathers or averages below it (``batch``, ``whole``, ``mine``; the metrics a
-``step()`` returns are averaged over the processes by the harness).
+context keeps each process's rows and gathers below it (``batch``: this process's rows of a sampling batch and its
+step-noise generator; ``local`` / ``gather``: this process's rows of a global batch and back), and the metrics a
+``step()`` returns are averaged over the processes by the harness, so a method never averages them itself.
 
 ``missing(module)`` lists what a module fails to declare (tests/methods/test_contract.py walks every registered
 method with it).  The rule types (``Int``, ``Real``, ``Choice``, ...) live here too, so the harness's schema
@@ -217,11 +218,14 @@ class MethodContext(Protocol):
 
     def noise(self, n: int) -> torch.Tensor: ...
 
-    def batch(self, n: int, distinct: int = 0) -> tuple[list[str], torch.Tensor, Any]: ...
+    def batch(self, n: int, distinct: int = 0, prompts: list[str] | None = None) -> tuple[list[str], torch.Tensor,
+                                                                                          Any]: ...
 
-    def mine(self, batch, strided: bool = False): ...
+    def local(self, batch, strided: bool = False): ...
 
-    def whole(self, x): ...
+    def gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_trajectory(self, traj): ...
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
 

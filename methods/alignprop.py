@@ -138,14 +138,13 @@ class Method:
         rewards, grad_steps = [], []
         for _ in range(c.grad_accum):
             # 1. c_1..c_B ~ train prompts, x_T ~ N(0, I)   (this process's rows of them)
-            prompts = ctx.local(ctx.draw_prompts(c.batch_size))
-            x_T = ctx.local(ctx.noise(c.batch_size))
+            prompts, x_T, noise_gen = ctx.batch(c.batch_size)
             # 2. mask <- truncation rule
             mask = truncation_mask(c.truncation, sampler.num_steps, ctx.generator, c.k, c.k_dist, c.k_mean, c.k_std)
             # 3. x0 <- DDIM(x_T, c; theta) with gradients through the masked steps
             images = sample_with_grad(ctx.pipe, prompts, x_T, sampler.num_steps, sampler.guidance, sampler.eta,
                                       grad_mask=mask, checkpointing=c.checkpointing,
-                                      generator=ctx.step_generator(c.batch_size), costs=ctx.costs)
+                                      generator=noise_gen, costs=ctx.costs)
             # 4. L <- -loss_coeff * mean R (accumulated over grad_accum batches)
             r = ctx.score(images, prompts)
             loss = self.loss(r) / c.grad_accum

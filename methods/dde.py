@@ -189,7 +189,7 @@ class Method:
             # 4. DPO on DDE's estimate of the log-likelihood ratio: the credit wbar(t) inside the sigmoid
             out = dpo_loss(m_w, m_l, r_w, r_l, c.beta, weight)
             ctx.backward(out.loss / c.grad_accum)
-            losses.append(ctx.mean_over_processes(float(out.loss.detach())))
+            losses.append(float(out.loss.detach()))
             inside.append(ctx.gather(out.inside).cpu())
             ts.append(ctx.gather(t.float()))
         # 5. clip, AdamW

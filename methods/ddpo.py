@@ -145,10 +145,9 @@ class Method:
         prompts = ctx.draw_prompts(c.samples_per_step, c.prompts_per_step)
         parts, rewards = [], []
         for b in range(0, c.samples_per_step, c.sample_batch_size):
-            batch_prompts = ctx.local(prompts[b:b + c.sample_batch_size])
-            traj = sample(ctx.pipe, batch_prompts, ctx.local(ctx.noise(c.sample_batch_size)), sampler.num_steps,
-                          sampler.guidance, sampler.eta, generator=ctx.step_generator(c.sample_batch_size),
-                          costs=ctx.costs, reduction=c.logprob_reduction)
+            batch_prompts, x_T, noise_gen = ctx.batch(c.sample_batch_size, prompts=prompts[b:b + c.sample_batch_size])
+            traj = sample(ctx.pipe, batch_prompts, x_T, sampler.num_steps, sampler.guidance, sampler.eta,
+                          generator=noise_gen, costs=ctx.costs, reduction=c.logprob_reduction)
             # 2. r = reward(x0, c)   (several processes: the whole batch gathered on each)
             rewards.append(ctx.gather(ctx.score(traj.images, batch_prompts).float()).cpu())
             parts.append(ctx.gather_trajectory(traj))
@@ -195,7 +194,7 @@ class Method:
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                **ctx.mean_metrics(stats.summary()), "updates": micro // c.grad_accum}
+                **stats.summary(), "updates": micro // c.grad_accum}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict()}

@@ -97,7 +97,7 @@ class Method:
             # 4. the DPO loss
             out = dpo_loss(m_w, m_l, r_w, r_l, c.beta)
             ctx.backward(out.loss / c.grad_accum)
-            losses.append(ctx.mean_over_processes(float(out.loss.detach())))
+            losses.append(float(out.loss.detach()))
             inside.append(ctx.gather(out.inside).cpu())
         # 5. clip, AdamW
         grad_norm = ctx.clip_grad(c.grad_clip) if losses else 0.0

@@ -170,9 +170,9 @@ class Method:
     def step(self) -> dict:
         ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         # 1. sample g_batch trajectories, score them, store their transitions in the replay buffer
-        prompts = ctx.local(ctx.draw_prompts(c.g_batch))
-        traj = sample(ctx.pipe, prompts, ctx.local(ctx.noise(c.g_batch)), sampler.num_steps, sampler.guidance,
-                      sampler.eta, generator=ctx.step_generator(c.g_batch), costs=ctx.costs,
+        prompts, x_T, noise_gen = ctx.batch(c.g_batch)
+        traj = sample(ctx.pipe, prompts, x_T, sampler.num_steps, sampler.guidance,
+                      sampler.eta, generator=noise_gen, costs=ctx.costs,
                       reduction=c.logprob_reduction)
         rewards = ctx.gather(ctx.score(traj.images, prompts).float()).cpu()
         self.add_to_buffer(ctx.gather_trajectory(traj), rewards)
@@ -210,7 +210,7 @@ class Method:
             ctx.clip_grad(c.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        summary = ctx.mean_metrics(stats.summary())
+        summary = stats.summary()
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "ratio_mean": summary["ratio_mean"], "clipfrac": summary["clipfrac"],
                 "kl_penalty": summary["kl_penalty"], "value_loss": v_loss, "buffer": n}

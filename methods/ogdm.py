@@ -181,7 +181,7 @@ class Method:
             metrics.update(loss_d=float(loss_d.detach()), r1=float(r1.detach()), d_real=float(d_real.detach().mean()),
                            d_fake=float(d_fake.detach().mean()))
         self.seen += n
-        return {**ctx.mean_metrics({**metrics, "loss": float(loss.detach())}), "real_images": self.seen}
+        return {**metrics, "loss": float(loss.detach()), "real_images": self.seen}
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.opt.state_dict(), "seen": self.seen}

@@ -332,9 +332,9 @@ class Method:
 
     def step(self) -> dict:
         ctx, c = self.ctx, self.cfg
-        prompts = ctx.local(ctx.draw_prompts(c.batch_size))  # several processes: this one's rows of the batch
+        prompts, x_T, _ = ctx.batch(c.batch_size)  # the chain draws its step noise from the step generator itself
         chain = DiffusionChain(ctx, prompts, c.checkpointing, c.batch_size)
-        ro = chain.rollout(ctx.local(ctx.noise(c.batch_size)))
+        ro = chain.rollout(x_T)
         q = window_probs(self.norms, c.j_dist, c.j_temperature)
         start = int(torch.multinomial(q, 1, generator=ctx.generator))
         est = rlr_estimate(chain, ro, start, self.h, c.zo_samples, c.zo_eps, ctx.generator, c.first_order,
@@ -350,8 +350,7 @@ class Method:
         old = self.norms[start]
         self.norms[start] = ho if old is None else c.j_ema * old + (1 - c.j_ema) * ho
         r = (ro.rewards if ro.batch_rewards is None else ro.batch_rewards).float().cpu()
-        dirderiv = ctx.mean_over_processes(sum(est["zo_diffs"]) / len(est["zo_diffs"])) if est["zo_diffs"] \
-            else float("nan")
+        dirderiv = sum(est["zo_diffs"]) / len(est["zo_diffs"]) if est["zo_diffs"] else float("nan")
         out = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "grad_norm": grad_norm,
                "window_start": start, "window_prob": float(q[start]),
                "ho_norm": ho, "zo_norm": _norm(terms["zeroth_order"]), "zo_dirderiv": dirderiv}

@@ -87,9 +87,9 @@ class Method:
         ctx, c, sampler = self.ctx, self.cfg, self.ctx.cfg.sampler
         T, pipe = sampler.num_steps, ctx.pipe
         # 1. sample the chain without gradients, storing latents and step log-probs
-        prompts = ctx.local(ctx.draw_prompts(c.batch_size))
-        traj = sample(pipe, prompts, ctx.local(ctx.noise(c.batch_size)), T, sampler.guidance, sampler.eta,
-                      generator=ctx.step_generator(c.batch_size), costs=ctx.costs, reduction=c.logprob_reduction)
+        prompts, x_T, noise_gen = ctx.batch(c.batch_size)
+        traj = sample(pipe, prompts, x_T, T, sampler.guidance, sampler.eta, generator=noise_gen, costs=ctx.costs,
+                      reduction=c.logprob_reduction)
         # 2. first order: the last step again from the stored x_{T-1}, eta = 0, with gradients (AlignProp K = 1)
         t_last, x_last = traj.timesteps[T - 1], traj.latents[:, T - 1]
         eps = guided_eps(pipe.unet, x_last, t_last, traj.cond, traj.uncond, sampler.guidance, ctx.costs,
@@ -121,7 +121,7 @@ class Method:
             stats.add(out)
         out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "grad_norm": grad_norm,
                "updates": 1 + c.chain_len, "ho_zeroed": zeroed}
-        summary = ctx.mean_metrics(stats.summary())
+        summary = stats.summary()
         if summary:
             out["ratio_mean"], out["clipfrac"] = summary["ratio_mean"], summary["clipfrac"]
         return out

@@ -127,6 +127,15 @@ class Context:
         rows = self.rows(len(batch))
         return batch[self.rank::self.world] if strided else batch[rows]
 
+    def batch(self, n: int, distinct: int = 0, prompts: list[str] | None = None) -> tuple[list[str], torch.Tensor,
+                                                                                          object]:
+        """A sampling batch of ``n``: its prompts (``draw_prompts(n, distinct)``, or the ``prompts`` given) and initial
+        noise, drawn in that order for the whole batch from the run's generator (so 1 and N processes draw the
+        same), as this process's rows, and the generator its sampler draws step noise from (``step_generator``)."""
+        prompts = self.local(self.draw_prompts(n, distinct) if prompts is None else prompts)
+        x_T = self.local(self.noise(n))
+        return prompts, x_T, self.step_generator(n)
+
     def step_generator(self, n: int):
         """The generator to hand a sampler that runs this process's rows of a global batch of ``n``."""
         return self.generator if self.world == 1 else ShardedGenerator(self.generator, n, self.rows(n))
@@ -146,10 +155,13 @@ class Context:
                                    uncond=self.gather(traj.uncond) if traj.uncond is not None else None)
 
     def mean_metrics(self, metrics: dict) -> dict:
-        """Per-process metrics (means over equal shards) -> their mean over the processes (one all-reduce)."""
+        """Per-process metrics (means over equal shards) -> their mean over the processes (one all-reduce); a number
+        every process already shares stays itself.  The harness applies it to every ``step()``'s metrics."""
         if self.world == 1 or not metrics:
             return metrics
-        keys = list(metrics)
+        keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(keys) < len(metrics):
+            return {**metrics, **self.mean_metrics({k: metrics[k] for k in keys})}
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
         torch.distributed.all_reduce(t)
         return {k: v / self.world for k, v in zip(keys, t.tolist())}

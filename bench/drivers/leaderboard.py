@@ -100,7 +100,8 @@ def load_protocol(path: str, root: str | None = None) -> Protocol:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise BenchError(f"protocol file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise BenchError(f"protocol file {path!r} is not valid YAML: {store.yaml_problem(e)}; accepted: a YAML file "
+                         f"like {DEFAULT_PROTOCOL}") from None
     if not isinstance(data, dict) or set(data) - PROTOCOL_KEYS or {"name", "version", "rewards", "methods"} - set(data):
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise BenchError(f"protocol file {path!r} has keys {got}; accepted: {', '.join(sorted(PROTOCOL_KEYS))} "

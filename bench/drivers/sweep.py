@@ -38,13 +38,11 @@ import os
 import sys
 import time
 
-import yaml
-
 from bench.core import run
 from bench.core.config import identity, resolve
 from diffalign import store
 from diffalign.errors import BenchError
-from diffalign.store import FolderBusy, RunFolder, safe_name
+from diffalign.store import FolderBusy, RunFolder, load_yaml, safe_name
 from methods import METHODS, method_module
 
 SWEEP_CRASH_RUN_ENV = "DIFFALIGN_SWEEP_CRASH_RUN"  # tests: the harness's crash env applies to this run only (1-based)
@@ -258,11 +256,7 @@ def load_file(path: str) -> dict:
     """A sweep YAML: ``methods``, ``seeds``, ``rewards`` (or ``reward``), ``set`` (list of KEY=VALUE), ``root``."""
     if not os.path.isfile(path):
         raise BenchError(f"sweep file {path!r} does not exist; accepted: a YAML file with methods, seeds, rewards, set")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise BenchError(f"sweep file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    data = load_yaml(path, "sweep file", "a YAML file with methods, seeds, rewards, set") or {}
     accepted = {"methods", "seeds", "rewards", "reward", "set", "root", "variants"}
     if not isinstance(data, dict) or set(data) - accepted:
         bad = sorted(set(data) - accepted) if isinstance(data, dict) else data

@@ -224,3 +224,14 @@ def test_implicit_accuracy_is_nan_before_the_first_update_and_the_bar_shows_the_
     assert run.progress_postfix(first) == {"loss": f"{first['loss']:.4f}"} and "reward_mean" not in first
     assert run.progress_postfix({"reward_mean": 0.5, "loss": 2.0}) == {"reward": "0.5000"}
     assert run.progress_postfix({}) == {}
+
+
+def test_a_broken_sweep_or_protocol_file_names_its_line_and_column(tmp_path):
+    from bench.drivers import leaderboard, sweep
+    path = tmp_path / "broken.yaml"
+    path.write_text("methods: [alignprop\nseeds: {a: 1: 2}\n")
+    for load, what in ((sweep.load_file, "sweep file"), (leaderboard.load_protocol, "protocol file")):
+        with pytest.raises(BenchError) as e:
+            load(str(path))
+        assert str(e.value).startswith(f"{what} '{path}' is not valid YAML: line 2, column 6: expected ',' or ']'")
+        assert "accepted: a YAML file" in str(e.value) and "\n" not in str(e.value)

@@ -340,8 +340,10 @@ def _diagnosis(p: Protocol, runs: list[RunData]) -> str:
         parts.append(f"its training batches' reward {trend} ({a:.3g} -> {b:.3g}, {z:+.1f} batch SE, first -> last "
                      "step)")
     if "implicit_accuracy" in runs[0].df:
-        a, b = _series_ends(runs, "implicit_accuracy")
-        acc = f"implicit preference accuracy {a:.2f} -> {b:.2f}"
+        # the end only: at the first step the policy is its reference and the accuracy is undefined (chance: 0.5;
+        # runs recorded before that was logged as NaN hold 0.00 there)
+        b = _series_ends(runs, "implicit_accuracy")[1]
+        acc = f"implicit preference accuracy {b:.2f} at the end, chance 0.5"
         parts.append(f"it fits its pairs ({acc}) but the eval reward did not follow" if b >= 0.75
                      else f"it does not fit its pairs ({acc})")
     skipped = sum(_final(r, "skipped_updates") for r in runs)

@@ -23,6 +23,7 @@ METHODS = {
     "diffusion-dpo": "methods.diffusion_dpo",  # DPO on terminal preference pairs, uniform credit over timesteps
     "dde": "methods.dde",            # DDE, our reconstruction (dde/reconstructed): DPO with a derived credit weight
     "ogdm": "methods.ogdm",          # OGDM: denoising loss + a noise-level-conditioned discriminator on real data
+    "rwr": "methods.rwr",            # RWR: reward-weighted regression (a denoising loss on reward-weighted samples)
 }
 
 

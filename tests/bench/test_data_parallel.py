@@ -55,6 +55,8 @@ def _args(pipe_dir, tmp_path, method):
         "rlr": ["reward=saturation", "sampler.eta=1.0", "sampler.num_steps=4", "rlr.batch_size=4", "rlr.h=1",
                 "rlr.zo_samples=1", "rlr.lr=0.01"],
         "ogdm": ["reward=saturation", "eval.metrics=[tiny-clip]", "ogdm.batch_size=8", "ogdm.gamma=0.5"],
+        "rwr": ["reward=saturation", "rwr.samples_per_step=4", "rwr.prompts_per_step=2", "rwr.top_fraction=0.5",
+                "rwr.lr=0.01"],
     }
     return common + own[method]
 

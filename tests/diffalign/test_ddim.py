@@ -81,3 +81,24 @@ def test_gaussian_kl_is_the_closed_form():
         torch.distributions.Normal(mq, std.view(3, 1, 1).expand_as(mq))).flatten(1)
     assert torch.allclose(ddim.gaussian_kl(mp, mq, std, "sum"), ref.sum(1), atol=1e-6)
     assert torch.allclose(ddim.gaussian_kl(mp, mq, std, "mean"), ref.mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_half_precision_step_gives_its_log_prob_to_float32_accuracy(half):
+    """Issue 26's second defect: the step's log-prob was computed in the latents' dtype.  With half-precision latents
+    and model output, the log-prob of the sample actually taken (a half-precision tensor) must equal the float32
+    computation from the same half-precision values to float32 accuracy (1e-5), not to one half-precision ulp (bf16:
+    4.5e-3 at -0.58, 45x DDPO's clip range), and the sample comes back in the latents' dtype."""
+    sched = DDIMScheduler.from_config(tiny_models.SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    t = int(ddim.set_timesteps(sched, 10)[5])
+    x, eps, z = (torch.randn(4, 3, 8, 8, generator=g).to(half) for _ in range(3))
+    out = ddim.ddim_step(sched, eps, t, x, 10, 1.0, noise=z)
+    assert out.prev.dtype == half and out.log_prob.dtype == torch.float32
+    ref = ddim.ddim_step(sched, eps.float(), t, x.float(), 10, 1.0, prev=out.prev.float())
+    assert torch.allclose(out.log_prob, ref.log_prob, rtol=0, atol=1e-5), (out.log_prob - ref.log_prob).abs().max()
+    # recomputing it later from the stored sample (what DDPO's and DPOK's ratios do) gives the same number
+    again = ddim.ddim_step(sched, eps, t, x, 10, 1.0, prev=out.prev)
+    assert torch.equal(again.log_prob, out.log_prob)
+    kl = ddim.gaussian_kl(out.mean.to(half), ref.mean.to(half), out.std)
+    assert kl.dtype == torch.float32

@@ -3,7 +3,7 @@
 Nothing here imports ``bench``, ``methods``, ``rewards`` or ``prompts`` (``tests/diffalign/test_layering.py``
 checks it).  The files, one concern each:
 
-    errors.py           BenchError (one-line bad-input errors) and check_choice
+    errors.py           BenchError (one-line bad-input errors)
     costs.py            the cost counters (images, reward queries, UNet passes)
     pipeline.py         load_pipeline: diffusers text-to-image folders (the tiny world, Stable Diffusion)
     lora.py             LoRA adapters through peft; save/load in diffusers' format

@@ -49,7 +49,6 @@ PAIR_FILE_NAMES = ("pairs.parquet", "pairs.jsonl")
 ACCEPTED_FILES = ("a .parquet or .jsonl pair file, or a folder with pairs.parquet or pairs.jsonl; one row per pair: "
                   "prompt|caption|text, jpg_0 + jpg_1 or image_0 + image_1 (PNG/JPEG bytes or paths), "
                   "label_0 (1, 0, 0.5 = tie) or winner (0, 1)")
-SOURCES = ("base", "online", "tiny-pairs")
 
 # The preference methods' shared config keys (each method's section holds them).
 PAIR_DEFAULTS = {
@@ -279,12 +278,6 @@ def dpo_loss(m_w: torch.Tensor, m_l: torch.Tensor, r_w: torch.Tensor, r_l: torch
 
 
 # ---- a method's pair source ------------------------------------------------------------------------------
-
-def check_pair_config(section: str, d: dict) -> None:
-    """One error line for a bad shared pair setting of a preference method."""
-    if not isinstance(d["pairs"], str) or not d["pairs"]:
-        raise BenchError(f"{section}.pairs = {d['pairs']!r}; accepted: {', '.join(SOURCES)} or a pair file/folder")
-
 
 class PairSource:
     """Where a preference method's pairs come from, per its config section (``PAIR_DEFAULTS``' keys).

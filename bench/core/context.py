@@ -209,10 +209,6 @@ class Context:
         if flag.item() and not self.nonfinite:
             self.nonfinite.append("value on another process")
 
-    def mean_over_processes(self, x: float) -> float:
-        """The mean of a per-process number over the processes (a loss averaged over equal shards)."""
-        return self.mean_metrics({"x": x})["x"]
-
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()

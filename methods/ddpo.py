@@ -175,7 +175,7 @@ class Method:
                 for j in range(n_t):
                     ti = order[idx, j]
                     x_t, x_prev = traj.latents[idx, ti], traj.latents[idx, ti + 1]
-                    t = traj.timesteps[ti]
+                    t = traj.timesteps[ti].to(x_t.device)  # one per sample: diffusers moves only a 0-d timestep
                     uncond = traj.uncond[idx] if traj.uncond is not None else None
                     # 5. log p_theta(stored x_{t-1} | stored x_t, c), the guided prediction recomputed
                     eps = guided_eps(ctx.pipe.unet, x_t, t, traj.cond[idx], uncond, sampler.guidance, ctx.costs,

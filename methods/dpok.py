@@ -187,7 +187,7 @@ class Method:
                 # 3. draw p_batch transitions from the buffer
                 idx = ctx.local(torch.randint(0, n, (c.p_batch,), generator=ctx.generator))  # this process's rows
                 b = {k: v[idx].to(ctx.pipe.device) for k, v in self.buffer.items()}
-                t = self.timesteps[b["t_index"].cpu()]
+                t = self.timesteps[b["t_index"].cpu()].to(b["x_t"].device)  # one per sample: diffusers moves only 0-d
                 # 4. rho = exp(log p_theta(x_{t-1} | x_t, c) - log p_old); L = -alpha A clamp(rho, 1 - eps, 1 + eps)
                 eps = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), sampler.guidance, ctx.costs,
                                  with_grad=True)

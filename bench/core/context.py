@@ -42,20 +42,26 @@ class GuardedOptimizer:
     def __init__(self, opt, ctx: "Context"):
         self.opt, self.ctx = opt, ctx
 
+    @property
+    def scaler(self):
+        """fp16's ``GradScaler`` (accelerate's optimizer wrapper holds it), else None."""
+        return getattr(self.opt, "scaler", None)
+
     def step(self) -> bool:
-        """True if the update was made, False if it was skipped."""
+        """True if the update was made, False if it was skipped (by the guard, or by fp16's scaler on an overflow)."""
         ctx = self.ctx
         ctx.sync_grads([p for g in self.opt.param_groups for p in g["params"]])
         ctx.agree_on_nonfinite()
         ctx.synced.clear()
-        if not ctx.nonfinite:
-            params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-            if params and not all(bool(torch.isfinite(p.grad).all()) for p in params):
+        if not ctx.nonfinite and self.scaler is None:  # with a scaler, a non-finite gradient is its overflow to skip
+            grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
                 ctx.nonfinite.append("gradient")
         if ctx.nonfinite:
             term = ctx.nonfinite[0]
             ctx.nonfinite.clear()
             self.opt.zero_grad(set_to_none=True)
+            self.scaler_forgets_this_update()
             ctx.skipped_updates += 1
             ctx.consecutive_skips += 1
             policy, patience = ctx.cfg.get("nan_policy", "skip"), ctx.cfg.get("nan_patience", 3)
@@ -66,8 +72,21 @@ class GuardedOptimizer:
                                     "learning rate, check the reward), or a larger nan_patience")
             return False
         self.opt.step()
+        if self.scaler is not None and self.opt.step_was_skipped:  # fp16 overflow: the scaler lowered its scale
+            ctx.scaler_skips += 1
+            return False
         ctx.consecutive_skips = 0
         return True
+
+    def scaler_forgets_this_update(self) -> None:
+        """After a skipped update, let fp16's scaler start the next one afresh: if the gradients were unscaled already
+        (``clip_grad``), its ``update()`` ends this iteration (lowering the scale if it found an overflow), else the
+        next ``unscale_()`` would raise "unscale_() has already been called"."""
+        from torch.amp.grad_scaler import OptState
+
+        scaler = self.scaler
+        if scaler is not None and scaler._per_optimizer_states[id(self.opt.optimizer)]["stage"] is OptState.UNSCALED:
+            scaler.update()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)
@@ -99,6 +118,8 @@ class Context:
     step: int = 0                     # the harness's step (named when a run stops on non-finite values)
     nonfinite: list = dataclasses.field(default_factory=list)  # terms seen non-finite since the last update
     skipped_updates: int = 0
+    scaler_skips: int = 0             # fp16: updates the gradient scaler skipped on an overflow (routine, not counted
+                                      # as skipped_updates, never stopping the run)
     consecutive_skips: int = 0
     synced: set = dataclasses.field(default_factory=set)  # ids of parameters whose gradients are averaged already
 
@@ -276,6 +297,6 @@ class Context:
     def clip_grad(self, max_norm: float) -> float:
         self.sync_grads(self.trainable)
         norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and self.accelerator.scaler is None:  # fp16: an overflow, the scaler's to skip
             self.nonfinite.append("gradient norm")
         return norm

@@ -102,10 +102,10 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = device_of(cfg)
-        if cfg.mixed_precision != "no" and self.device != "cuda":
-            raise BenchError(f"mixed_precision {cfg.mixed_precision!r} needs a CUDA GPU; accepted on CPU: no")
+        another_precision(cfg.mixed_precision)
         accelerator = accelerate.Accelerator(cpu=self.device == "cpu", mixed_precision=cfg.mixed_precision,
                                              kwargs_handlers=[PROCESS_GROUP_TIMEOUT])
+        cpu_fp16_scaler(accelerator)
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         if self.world > 1:
             check_data_parallel(cfg, self.method_module, self.world)
@@ -145,6 +145,8 @@ class Run:
                  "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
                  "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
                  "eval_samples": self.eval_samples, "eval_time": self.eval_time}
+        if self.ctx.accelerator.scaler is not None:  # fp16: the gradient scaler's scale and growth tracker
+            state["scaler"] = self.ctx.accelerator.scaler.state_dict()
         self.folder.write_checkpoint(state)
         self.checkpointed_step = self.step
         self.write_tables()
@@ -160,6 +162,8 @@ class Run:
         self.eval_samples = state["eval_samples"]
         self.wall_offset = state["wall"]
         self.eval_time = state.get("eval_time", 0.0)
+        if self.ctx.accelerator.scaler is not None and "scaler" in state:
+            self.ctx.accelerator.scaler.load_state_dict(state["scaler"])
 
     def write_tables(self) -> None:
         if not self.main:
@@ -203,7 +207,8 @@ class Run:
                "images": c["images"], "reward_queries": c["reward_queries"], "unet_fwd": c["unet_fwd"],
                "unet_bwd": c["unet_bwd"],
                "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device),
-               "skipped_updates": self.ctx.skipped_updates}
+               "skipped_updates": self.ctx.skipped_updates,
+               **({"scaler_skips": self.ctx.scaler_skips} if self.ctx.accelerator.scaler is not None else {})}
         self.rows.append(row)
         self.trackers.log(row, self.step)
 
@@ -422,6 +427,24 @@ def check_data_parallel(cfg: Config, module, world: int) -> None:
     why = module.data_parallel(cfg, world)
     if why:
         raise BenchError(f"method {cfg.method!r} on {world} processes: {why}; or run it on one process")
+
+
+def another_precision(mixed_precision: str) -> None:
+    """Let a second run in the same process use another ``mixed_precision``: accelerate keeps one process-wide
+    state and refuses to change its precision, so a one-process state of another precision is cleared first (the
+    process group of a launched run, accelerate's ``PartialState``, is kept)."""
+    state = accelerate.state.AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def cpu_fp16_scaler(accelerator) -> None:
+    """fp16 on the CPU runs the GPU's scaled path: accelerate builds a ``GradScaler`` and fp16 autocast only for an
+    accelerator device, so on the CPU the harness hands it torch's CPU ``GradScaler`` and turns its autocast on (the
+    loss is scaled in ``backward``, unscaled in ``clip_grad_norm_``, the update made or skipped by the scaler)."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        accelerator.native_amp = True
 
 
 def device_of(cfg: Config) -> str:

@@ -208,3 +208,53 @@ def test_two_sweep_drivers_share_a_sweep_and_run_each_run_once(small_pixel_pipel
         if d.startswith("alignprop-"):
             m = _manifest(tmp_path / "root" / d)
             assert m["status"] == "complete" and "resumes" not in m
+
+
+def _fp16_context(overrides=()):
+    """A Context on an fp16 accelerator with the CPU GradScaler the harness gives it (``run.cpu_fp16_scaler``):
+    accelerate's own scaled path (loss scaled in backward, unscaled in clip_grad_norm_, step and update by the
+    scaler), driven on one float32 parameter."""
+    import accelerate
+
+    from bench.core.context import Context
+    from diffalign.costs import Costs
+
+    run.another_precision("fp16")
+    acc = accelerate.Accelerator(cpu=True, mixed_precision="fp16")
+    run.cpu_fp16_scaler(acc)
+    w = torch.nn.Parameter(torch.ones(3))
+    ctx = Context(cfg=resolve("alignprop", ["model=x", *overrides]), pipe=None, reward=None, train_prompts=[],
+                  generator=torch.Generator().manual_seed(0), costs=Costs(), accelerator=acc, trainable=[w])
+    return ctx, ctx.guard(torch.optim.SGD([w], lr=0.1)), w, acc.scaler
+
+
+def _update(ctx, opt, w, loss_of=lambda w: (w ** 2).sum(), flag: str | None = None) -> bool:
+    ctx.backward(loss_of(w))
+    ctx.clip_grad(10.0)  # accelerate unscales the gradients here
+    if flag:
+        ctx.nonfinite.append(flag)  # what a non-finite reward does (Context.score)
+    made = opt.step()
+    opt.zero_grad(set_to_none=True)
+    return made
+
+
+def test_fp16_a_skipped_update_leaves_the_scaler_ready_for_the_next():
+    """Issue 26's third defect: the guard skipped an update after accelerate had unscaled the gradients and never let
+    the scaler update, so the next update's unscale_() raised "unscale_() has already been called"."""
+    ctx, opt, w, scaler = _fp16_context()
+    assert _update(ctx, opt, w) and torch.allclose(w.detach(), torch.full((3,), 0.8))
+    assert _update(ctx, opt, w, flag="reward") is False and ctx.skipped_updates == 1
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # nothing of the skipped update reached the weight
+    assert _update(ctx, opt, w) and torch.allclose(w.detach(), torch.full((3,), 0.64))  # before the fix: raised
+    assert ctx.consecutive_skips == 0 and scaler.get_scale() == 65536.0
+
+
+def test_fp16_overflows_are_the_scalers_to_skip_and_not_the_nan_guards():
+    """An fp16 overflow (an infinite scaled gradient) is routine at start-up: the scaler skips that update and halves
+    its scale; the guard neither counts it as a non-finite skip nor stops the run after nan_patience of them."""
+    ctx, opt, w, scaler = _fp16_context(["nan_patience=2"])
+    for _ in range(3):  # more overflows in a row than the patience
+        assert _update(ctx, opt, w, loss_of=lambda w: (w * 1e38).sum()) is False
+    assert ctx.skipped_updates == 0 and ctx.scaler_skips == 3 and scaler.get_scale() == 65536.0 / 8
+    assert torch.equal(w.detach(), torch.ones(3))
+    assert _update(ctx, opt, w) and torch.allclose(w.detach(), torch.full((3,), 0.8))

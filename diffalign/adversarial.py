@@ -25,6 +25,8 @@ each averaged over the batch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -94,7 +96,13 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Logits (B,) for inputs x at level ``t_to`` projected from ``t`` (training timesteps, (B,) each) with
-        pooled caption embeddings ``text`` (B, text_dim)."""
+        pooled caption embeddings ``text`` (B, text_dim).  In float32 whatever the autocast around it: the R1
+        penalty's double backward overflows half precision (NaN in fp16 at the first step on the tiny world)."""
+        kind = x.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+            return self._logits(x.float(), t, t_to, text.float())
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
         scale = 1000.0 / self.T  # features in units of a 1000-step chain, whatever the scheduler's length
         ts = torch.cat([timestep_features(t.to(x.device) * scale, self.t_features),

@@ -3,7 +3,9 @@
 - ``PerPromptStatTracker``, ``batch_normalise``: DDPO's per-prompt and plain batch reward normalisation;
 - ``Surrogate`` and its makers: PPO's clipped surrogate (DDPO-IS, rlr-code), REINFORCE (DDPO-SF), and the
   per-sample statistics every one of them reports (importance ratio, clip fraction, approximate KL to the
-  sampling policy), gathered over a training phase by ``SurrogateStats``;
+  sampling policy), gathered over a training phase by ``SurrogateStats``, with ``ratio_dev_first``, max |rho - 1|
+  at the first inner step (before any update it must be 0 up to the recomputation's rounding: the check that a
+  half-precision recomputation gives back the sampled log-probs);
 - ``trained_steps`` and the config rules of a step skip (``skip_first_steps`` / ``skip_last_steps``), and the
   stochastic-sampler check (a likelihood ratio needs eta > 0).
 """
@@ -95,8 +97,11 @@ class SurrogateStats:
     def __init__(self):
         self.parts: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
         self.losses: list[float] = []
+        self.first_dev: float | None = None  # max |rho - 1| of the first surrogate (before any update: must be 0)
 
     def add(self, s: Surrogate, **extra: torch.Tensor) -> None:
+        if self.first_dev is None:
+            self.first_dev = float((s.ratio.detach().double() - 1).abs().max())
         for name, v in (("ratio", s.ratio), ("clipfrac", s.clipfrac), ("approx_kl", s.approx_kl), *extra.items()):
             self.parts[name].append(v.detach().cpu())
         self.losses.append(float(s.loss.detach()))
@@ -105,7 +110,7 @@ class SurrogateStats:
         if not self.losses:
             return {}
         out = {("ratio_mean" if k == "ratio" else k): float(torch.cat(v).mean()) for k, v in self.parts.items()}
-        return {**out, "loss": sum(self.losses) / len(self.losses)}
+        return {**out, "loss": sum(self.losses) / len(self.losses), "ratio_dev_first": self.first_dev}
 
 
 # ---- which steps are trained ----------------------------------------------------------------------------

@@ -191,13 +191,14 @@ def replay_chain(pipe, x: torch.Tensor, noises: list[torch.Tensor | None], cond:
                  uncond: torch.Tensor | None, num_steps: int, guidance: float, eta: float, start: int = 0,
                  perturb_steps=(), params: list[torch.Tensor] | None = None,
                  direction: list[torch.Tensor] | None = None, scale: float = 0.0,
-                 costs: Costs | None = None) -> list[torch.Tensor]:
+                 costs: Costs | None = None, log_probs: list | None = None,
+                 reduction: str = "mean") -> list[torch.Tensor]:
     """Run steps ``start..T-1`` from latent ``x`` (the state before step ``start``; 0 = pure noise, already
     scaled) with the given per-step noises, so two calls share their randomness (common random numbers).
 
     Steps in ``perturb_steps`` run their UNet with ``params`` moved to p + scale * direction (a two-point
     zeroth-order estimate perturbs only some steps).  Returns the latents after each step, x_{start+1}..x_T
-    in sampling order, no gradients."""
+    in sampling order, no gradients.  ``log_probs``, a list: each step's log-prob (``reduction``) is appended to it."""
     timesteps = set_timesteps(pipe.scheduler, num_steps)
     perturb_steps = set(perturb_steps)
     if perturb_steps and (params is None or direction is None):
@@ -208,6 +209,9 @@ def replay_chain(pipe, x: torch.Tensor, noises: list[torch.Tensor | None], cond:
         ctx = perturbed(params, direction, scale) if i in perturb_steps else contextlib.nullcontext()
         with ctx:
             eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
-        x = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noises[i]).prev
+        step = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noises[i], reduction=reduction)
+        x = step.prev
         out.append(x)
+        if log_probs is not None:
+            log_probs.append(step.log_prob)
     return out

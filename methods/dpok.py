@@ -213,7 +213,8 @@ class Method:
         summary = stats.summary()
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "ratio_mean": summary["ratio_mean"], "clipfrac": summary["clipfrac"],
-                "kl_penalty": summary["kl_penalty"], "value_loss": v_loss, "buffer": n}
+                "kl_penalty": summary["kl_penalty"], "value_loss": v_loss, "buffer": n,
+                "ratio_dev_first": summary["ratio_dev_first"]}
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.opt.state_dict(), "buffer": self.buffer, "rounds": self.rounds,

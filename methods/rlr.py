@@ -149,6 +149,7 @@ class Rollout:
     rewards: torch.Tensor
     batch_rewards: torch.Tensor | None = None  # several processes: the whole batch's rewards (the LOO baseline's
     rows: slice | None = None                   # pool) and this process's rows of it; None: ``rewards`` is the batch
+    log_probs: list[torch.Tensor] | None = None  # each step's log-prob as sampled (element sum), for the ratio check
 
 
 # A chain is any object with
@@ -176,14 +177,19 @@ def leave_one_out_mean(r: torch.Tensor) -> torch.Tensor:
     return (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
 
 
-def half_order_surrogate(chain, ro: Rollout, start: int, h: int, baseline: str = "loo") -> torch.Tensor:
+def half_order_surrogate(chain, ro: Rollout, start: int, h: int, baseline: str = "loo",
+                         diagnostics: dict | None = None) -> torch.Tensor:
     """Its gradient: HO for the window start..start+h-1, an h-step local backprop from the detached
-    x_start times the likelihood ratio of the noise of the window's last step."""
+    x_start times the likelihood ratio of the noise of the window's last step.  ``diagnostics``, a dict, gets
+    ``ratio_dev``: max |p_theta / p_sampled - 1| of that step's transition, which must be 1 before any update (the
+    recomputed log-prob is the sampled one's; a half-precision recomputation that drifts shows here)."""
     x = ro.xs[start]
     for k in range(start, start + h - 1):
         x = straight_through(ro.xs[k + 1], chain.step_mean(k, x))
     k = start + h - 1
     lp = gaussian_log_prob(ro.xs[k + 1], chain.step_mean(k, x), chain.std(k), "sum")
+    if diagnostics is not None and ro.log_probs is not None:
+        diagnostics["ratio_dev"] = float((torch.exp(lp.detach() - ro.log_probs[k].to(lp)) - 1).abs().max())
     pool = ro.rewards if ro.batch_rewards is None else ro.batch_rewards
     b = leave_one_out_mean(pool) if baseline == "loo" else torch.zeros_like(pool)
     b = b if ro.rows is None else b[ro.rows]
@@ -246,9 +252,10 @@ def rlr_estimate(chain, ro: Rollout, start: int, h: int, zo_samples: int, zo_eps
     terms = {}
     if first_order:
         terms["first_order"] = gradient(first_order_surrogate(chain, ro), chain.params)
-    terms["half_order"] = gradient(half_order_surrogate(chain, ro, start, h, baseline), chain.params)
+    diagnostics = {}
+    terms["half_order"] = gradient(half_order_surrogate(chain, ro, start, h, baseline, diagnostics), chain.params)
     terms["zeroth_order"], diffs = zeroth_order_estimate(chain, ro, zo_steps, zo_samples, zo_eps, generator)
-    return {"terms": terms, "window": window, "zo_steps": zo_steps, "zo_diffs": diffs}
+    return {"terms": terms, "window": window, "zo_steps": zo_steps, "zo_diffs": diffs, **diagnostics}
 
 
 # ---- the diffusion model as a chain ------------------------------------------------------------------
@@ -271,15 +278,16 @@ class DiffusionChain:
         g = self.ctx.step_generator(self.batch)
         x = x_T * self.pipe.scheduler.init_noise_sigma
         noises = [step_noise(x, g) for _ in range(self.num_steps)]
+        log_probs = []
         xs = [x] + replay_chain(self.pipe, x, noises, self.cond, self.uncond, self.num_steps, self.guidance,
-                                self.eta, costs=self.ctx.costs)
+                                self.eta, costs=self.ctx.costs, log_probs=log_probs, reduction="sum")
         with torch.no_grad():
             images = self.pipe.decode(xs[-1])
         self.ctx.costs.images += x.shape[0]
         r = self.ctx.score(images, self.prompts).detach()
         if self.ctx.world == 1:
-            return Rollout(xs, noises, r)
-        return Rollout(xs, noises, r, self.ctx.gather(r), self.ctx.rows(self.batch))
+            return Rollout(xs, noises, r, log_probs=log_probs)
+        return Rollout(xs, noises, r, self.ctx.gather(r), self.ctx.rows(self.batch), log_probs=log_probs)
 
     def std(self, k: int) -> float:
         return float(step_std(self.pipe.scheduler, int(self.timesteps[k]), self.num_steps, self.eta))
@@ -356,6 +364,8 @@ class Method:
                "ho_norm": ho, "zo_norm": _norm(terms["zeroth_order"]), "zo_dirderiv": dirderiv}
         if "first_order" in terms:
             out["fo_norm"] = _norm(terms["first_order"])
+        if "ratio_dev" in est:
+            out["ratio_dev_first"] = est["ratio_dev"]
         return out
 
     def state_dict(self) -> dict:

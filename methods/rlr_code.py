@@ -124,6 +124,7 @@ class Method:
         summary = stats.summary()
         if summary:
             out["ratio_mean"], out["clipfrac"] = summary["ratio_mean"], summary["clipfrac"]
+            out["ratio_dev_first"] = summary["ratio_dev_first"]
         return out
 
     def state_dict(self) -> dict:

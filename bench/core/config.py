@@ -118,6 +118,8 @@ def _check_type(key: str, default, value):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / off / yes / on as a boolean (mixed_precision=no)
+            value = "yes" if value else "no"
         ok = isinstance(value, str)
     elif isinstance(default, list):
         ok = isinstance(value, list)

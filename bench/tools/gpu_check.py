@@ -9,17 +9,24 @@ loaded through the suite's own loader and run by the harness's own ``Run`` (froz
    ``saturation``: seconds per optimizer step, images per second, peak memory (``torch.cuda.max_memory_allocated``
    from the loading of the model to the last timed step);
 3. ``ddpo``: DDPO (importance sampling) at batch 8, 50 DDIM steps, eta 1, CFG 5, every step trained: the sampling
-   phase and the training phase of one round, separately;
+   phase and the training phase of one round, separately; the UNet samples at CFG batch 2 x 8 and recomputes at
+   2 x 4 (two minibatches, one update), so ``ratio_dev_first`` says whether this GPU's bf16 kernels give the same
+   log-probs at both batch sizes;
 4. ``unet``: one UNet forward + backward (gradients to the LoRA weights, as every method takes them) at batch 8
    (a CFG pair of 4), its FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matrix
    products, attention), the achieved FLOP/s, and that as a fraction of the GPU's dense bf16 peak (datasheet) and of
    the matrix product's rate measured in 1;
-5. ``tiny_world``: every method of the suite, 2 steps with an evaluation, on the tiny world on this GPU (fp32), as
-   ``bench run`` runs it (one process each, side by side), so the CUDA path of each method has run.
+5. ``tiny_world``: every method of the suite on the tiny world on this GPU, in float32 and in bf16, as the harness
+   runs it (its own ``Run``): the base model's evaluation, two steps and a final evaluation, so each method's CUDA
+   path (sampling, step, evaluation) has run; per method and precision the second step's seconds, the peak memory
+   from the model's loading on, and ``ratio_dev_first``, max |rho - 1| at the first inner step before any update,
+   which stays at 1 within float32 rounding only if the recomputed log-probs equal the sampled ones (DDPO, DPOK, RLR;
+   rlr-code's PPO terms follow its first-order update, so its value is not 0 by design).
 
 Results go to ``<out>/gpu_check.json`` (written after every section, so a run stopped by its time limit keeps what it
 measured) and ``<out>/gpu_check.md``.  ``--tiny`` runs sections 2-4 on the CPU with a small random latent pipeline and
-a few DDIM steps (the test suite does, so this script cannot rot); its numbers say nothing about a GPU.
+a few DDIM steps, and section 5 for two methods on the CPU (the test suite does, so this script cannot rot); its numbers
+say nothing about a GPU.
 """
 from __future__ import annotations
 
@@ -27,7 +34,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,12 +45,14 @@ from bench.core.config import resolve
 from bench.core.run import Run
 from diffalign.errors import BenchError
 from diffalign.store import PROJECT_ROOT, RunFolder, atomic_write_json, atomic_write_text
+from methods import METHODS as METHOD_NAMES
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity), by device-name substring;
 # the first match wins.
 BF16_PEAK = [("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12), ("L40S", 362e12),
              ("A10G", 70e12)]
-METHODS = ("alignprop", "ddpo", "ddpo-sf", "dpok", "rlr", "rlr-code", "diffusion-dpo", "dde", "ogdm")
+PRECISIONS = ("no", "bf16")  # the tiny-world section's: float32 and bf16
+TINY_METHODS = ("ddpo", "rlr")  # the CPU tiny mode's tiny-world section
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -163,8 +171,8 @@ def check_ddpo(model: str, device: str, size: dict, tmp: str) -> dict:
     fresh(device)
     b = size["ddpo_batch"]
     run = build_run("ddpo", common(model, device, size["num_steps"], 5.0, 1.0) + [
-        f"ddpo.samples_per_step={b}", f"ddpo.sample_batch_size={b}", f"ddpo.train_batch_size={b}",
-        "ddpo.grad_accum=1", "ddpo.timestep_fraction=1.0", "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0"], tmp)
+        f"ddpo.samples_per_step={b}", f"ddpo.sample_batch_size={b}", f"ddpo.train_batch_size={b // 2}",
+        "ddpo.grad_accum=2", "ddpo.timestep_fraction=1.0", "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0"], tmp)
     collect, spent = run.method.collect, []
 
     def timed_collect():
@@ -176,17 +184,19 @@ def check_ddpo(model: str, device: str, size: dict, tmp: str) -> dict:
         return out
 
     run.method.collect = timed_collect
-    run.method.step()  # warm-up
-    spent.clear()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(size["timed"]):
-        run.method.step()
-    sync(device)
+    with run.ctx.accelerator.autocast():
+        devs = [run.method.step()["ratio_dev_first"]]  # warm-up
+        spent.clear()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(size["timed"]):
+            devs.append(run.method.step()["ratio_dev_first"])
+        sync(device)
     total = (time.perf_counter() - t0) / size["timed"]
     sampling = sum(spent) / len(spent)
     return {"batch": b, "variant": run.cfg.variant, "sampling_s": sampling, "training_s": total - sampling,
-            "round_s": total, "sampling_images_per_s": b / sampling, "peak_mem_mb": peak_mb(device)}
+            "round_s": total, "sampling_images_per_s": b / sampling, "peak_mem_mb": peak_mb(device),
+            "train_batch": b // 2, "dtype": str(run.ctx.pipe.dtype), "ratio_dev_first_max": max(devs)}
 
 
 def check_unet(model: str, device: str, size: dict, tmp: str, matmul: dict | None) -> dict:
@@ -229,25 +239,46 @@ def check_unet(model: str, device: str, size: dict, tmp: str, matmul: dict | Non
             "fraction_of_measured_matmul": flops / s / matmul["flops_per_s"] if matmul else None}
 
 
-def check_tiny_world(tmp: str, seconds: int, device: str = "cuda") -> list[dict]:
-    """Every method, 2 steps with an evaluation, on the tiny world on CUDA: one ``bench run`` process each."""
-    procs = {}
-    for m in METHODS:
-        sets = ["steps=2", "eval.every=2", "eval.grid_every=2", "checkpoint_every=2", f"device={device}",
-                "eval.num_seeds=2"]
-        cmd = [sys.executable, "-m", "bench", "run", "--method", m, "--out", os.path.join(tmp, "tiny", m)]
-        cmd += [a for s in sets for a in ("--set", s)]
-        procs[m] = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-    rows, deadline = [], time.time() + seconds
-    for m, p in procs.items():
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-        lines = [ln for ln in (out or "").strip().splitlines() if ln.strip()]
-        rows.append({"method": m, "rc": p.returncode, "last_line": lines[-1][:300] if lines else ""})
+def tiny_world_row(method: str, precision: str, device: str, tmp: str, extra: list[str]) -> dict:
+    """One method in one precision on the tiny world: evaluate the base model, two steps (the second timed), evaluate."""
+    from bench.drivers.regress import short_overrides
+
+    fresh(device)
+    sets = ["eval.num_seeds=2", f"device={device}"] + ([f"mixed_precision={precision}"] if precision != "no" else [])
+    run = build_run(method, short_overrides(method, sets + extra), tmp)
+    pipe = run.ctx.pipe
+    base = run.evaluator(pipe, 0, None, final=False, base_model_itself=True)
+    steps = []
+    with run.ctx.accelerator.autocast():
+        for i in (1, 2):
+            run.ctx.step = i
+            sync(device)
+            t0 = time.perf_counter()
+            metrics = run.method.step()
+            sync(device)
+            steps.append((time.perf_counter() - t0, metrics))
+    final = run.evaluator(pipe, 2, [e["reward"] for e in base.samples], final=True)
+    first = steps[0][1]
+    return {"method": method, "precision": precision, "dtype": str(pipe.dtype), "step_s": steps[1][0],
+            "first_step_s": steps[0][0], "peak_mem_mb": peak_mb(device),
+            "ratio_dev_first": first.get("ratio_dev_first"), "skipped_updates": run.ctx.skipped_updates,
+            "scaler_skips": run.ctx.scaler_skips,
+            "eval_reward": [base.metrics["eval_reward_mean"], final.metrics["eval_reward_mean"]],
+            "variant": run.cfg.variant}
+
+
+def check_tiny_world(tmp: str, device: str, methods, precisions=PRECISIONS, extra: list[str] | None = None,
+                     save=lambda rows: None) -> list[dict]:
+    """Every method in every precision (``tiny_world_row``); a failure is recorded and the others go on."""
+    rows = []
+    for method in methods:
+        for precision in precisions:
+            try:
+                rows.append(tiny_world_row(method, precision, device, tmp, list(extra or [])))
+            except Exception as e:
+                traceback.print_exc()
+                rows.append({"method": method, "precision": precision, "error": f"{type(e).__name__}: {e}"[:300]})
+            save(rows)
     return rows
 
 
@@ -272,7 +303,8 @@ def markdown(r: dict) -> str:
         mem = f"{d['peak_mem_mb'] / 1024:.1f} GB" if d["peak_mem_mb"] is not None else "-"
         lines += [f"DDPO ({d['variant']}) at batch {d['batch']}: sampling {d['sampling_s']:.2f} s "
                   f"({d['sampling_images_per_s']:.2f} images / s), training {d['training_s']:.2f} s, "
-                  f"peak memory {mem}.", ""]
+                  f"peak memory {mem}; {d['dtype']}, sampled at batch {d['batch']} and recomputed at "
+                  f"{d['train_batch']}: max |rho - 1| at the first inner step {d['ratio_dev_first_max']:.1e}.", ""]
     if r.get("unet"):
         u = r["unet"]
         frac = (f", {100 * u['fraction_of_bf16_peak']:.0f} % of the bf16 peak "
@@ -283,10 +315,20 @@ def markdown(r: dict) -> str:
                   f"{u['flops'] / 1e9:,.0f} GFLOP (forward alone {u['flops_forward'] / 1e9:,.0f}), "
                   f"{u['flops_per_s'] / 1e12:.2f} TFLOP/s{frac}{meas}.", ""]
     if r.get("tiny_world"):
-        ok = [t["method"] for t in r["tiny_world"] if t["rc"] == 0]
-        bad = [f"{t['method']} (rc {t['rc']}: {t['last_line']})" for t in r["tiny_world"] if t["rc"] != 0]
-        lines += [f"Tiny world on this GPU, 2 steps with an evaluation: {len(ok)} of {len(r['tiny_world'])} methods "
-                  f"completed ({', '.join(ok)})" + (f"; failed: {'; '.join(bad)}" if bad else "") + ".", ""]
+        lines += [f"Tiny world on {r['device_name']}: the base model's evaluation, 2 steps, a final evaluation, per "
+                  "method and precision (no = float32).  rho dev = max |rho - 1| at the first inner step, before any "
+                  "update.", "",
+                  "| method | precision | s / step | peak memory (MB) | rho dev | eval reward (base -> after) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for t in r["tiny_world"]:
+            if "error" in t:
+                lines.append(f"| {t['method']} | {t['precision']} | failed: {t['error'][:120]} | | | |")
+                continue
+            mem = f"{t['peak_mem_mb']:.0f}" if t["peak_mem_mb"] is not None else "-"
+            dev = f"{t['ratio_dev_first']:.1e}" if t["ratio_dev_first"] is not None else "-"
+            lines.append(f"| {t['method']} | {t['precision']} | {t['step_s']:.3f} | {mem} | {dev} | "
+                         f"{t['eval_reward'][0]:.4f} -> {t['eval_reward'][1]:.4f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -328,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                     ("alignprop", lambda: check_alignprop(model, device, size, tmp)),
                     ("ddpo", lambda: check_ddpo(model, device, size, tmp)),
                     ("unet", lambda: check_unet(model, device, size, tmp, report.get("matmul"))),
-                    ("tiny_world", lambda: None if a.tiny else check_tiny_world(tmp, 150))]
+                    ("tiny_world", lambda: check_tiny_world(
+                        tmp, device, TINY_METHODS if a.tiny else sorted(METHOD_NAMES),
+                        extra=["sampler.num_steps=4", "eval.num_steps=4"] if a.tiny else [],
+                        save=lambda rows: (report.__setitem__("tiny_world", rows), save())))]
         for name, fn in sections:
             if name in a.skip:
                 continue

@@ -103,14 +103,16 @@ class SurrogateStats:
         if self.first_dev is None:
             self.first_dev = float((s.ratio.detach().double() - 1).abs().max())
         for name, v in (("ratio", s.ratio), ("clipfrac", s.clipfrac), ("approx_kl", s.approx_kl), *extra.items()):
-            self.parts[name].append(v.detach().cpu())
-        self.losses.append(float(s.loss.detach()))
+            self.parts[name].append(v.detach())  # kept where it is: no host sync per UNet call on a GPU
+        self.losses.append(s.loss.detach().reshape(()))
 
     def summary(self) -> dict:
         if not self.losses:
             return {}
-        out = {("ratio_mean" if k == "ratio" else k): float(torch.cat(v).mean()) for k, v in self.parts.items()}
-        return {**out, "loss": sum(self.losses) / len(self.losses), "ratio_dev_first": self.first_dev}
+        out = {("ratio_mean" if k == "ratio" else k): float(torch.cat([x.cpu() for x in v]).mean())
+               for k, v in self.parts.items()}
+        losses = torch.stack(self.losses).float().cpu().tolist()
+        return {**out, "loss": sum(losses) / len(losses), "ratio_dev_first": self.first_dev}
 
 
 # ---- which steps are trained ----------------------------------------------------------------------------

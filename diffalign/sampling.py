@@ -157,7 +157,7 @@ def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guid
     ``embeddings``: the prompts' (cond, uncond) when the caller already has them."""
     cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
     x = x_T * pipe.scheduler.init_noise_sigma
-    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # summed where computed: no sync per step
     for t in set_timesteps(pipe.scheduler, num_steps):
         out = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x, num_steps,
                         eta, noise=step_noise(x, generator))
@@ -165,9 +165,9 @@ def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guid
             base = ddim_step(pipe.scheduler, guided_eps(base_unet, x, t, cond, uncond, guidance), int(t), x,
                              num_steps, eta)
         if bool((out.std > 0).all()):
-            total += gaussian_kl(out.mean, base.mean, out.std, "sum").double().cpu()
+            total += gaussian_kl(out.mean, base.mean, out.std, "sum").double()
         x = out.prev
-    return total
+    return total.cpu()
 
 
 @contextlib.contextmanager

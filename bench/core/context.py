@@ -13,7 +13,8 @@ process makes every process skip the update.  With one process all of this is th
 It also guards every optimizer update against non-finite values (``nan_policy``, ``nan_patience``): a reward
 (``score``), a loss (``backward``) or a gradient norm (``clip_grad``) that is NaN or infinite marks the pending
 update, and the guarded optimizer (``adamw``, ``guard``) then skips it: the gradients are dropped and neither the
-weights nor the optimizer's state (Adam's moments, its step count) change.  Each skip is counted
+weights nor the optimizer's state (Adam's moments, its step count) change.  Under fp16 a non-finite gradient is the
+gradient scaler's routine overflow instead: the scaler skips that update and lowers its scale (``scaler_skips``).  Each skip is counted
 (``skipped_updates``); with ``nan_policy: stop``, or after ``nan_patience`` consecutive skips, the run stops with
 one line naming the step and the term.
 """
@@ -50,6 +51,7 @@ class GuardedOptimizer:
     def step(self) -> bool:
         """True if the update was made, False if it was skipped (by the guard, or by fp16's scaler on an overflow)."""
         ctx = self.ctx
+        ctx.check_losses()
         ctx.sync_grads([p for g in self.opt.param_groups for p in g["params"]])
         ctx.agree_on_nonfinite()
         ctx.synced.clear()
@@ -122,6 +124,7 @@ class Context:
                                       # as skipped_updates, never stopping the run)
     consecutive_skips: int = 0
     synced: set = dataclasses.field(default_factory=set)  # ids of parameters whose gradients are averaged already
+    losses_finite: torch.Tensor | None = None  # every loss backpropagated since the last check was finite (on device)
 
     # ---- data parallel (the identity with one process) ------------------------------------------------------
     @property
@@ -288,13 +291,22 @@ class Context:
         return GuardedOptimizer(self.accelerator.prepare(opt), self)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss``; a non-finite loss is not backpropagated and marks the pending update."""
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.nonfinite.append("loss")
-            return
+        """Backpropagate ``loss``; a non-finite loss marks the pending update, which is then skipped (its gradients
+        dropped).  The check stays on the device until ``check_losses`` (one host sync per update, not one per
+        backward: a policy gradient calls this once per UNet call)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self.losses_finite = finite if self.losses_finite is None else self.losses_finite & finite
         self.accelerator.backward(loss)
 
+    def check_losses(self) -> None:
+        """Mark the pending update if a loss backpropagated since the last check was non-finite."""
+        if self.losses_finite is not None:
+            finite, self.losses_finite = bool(self.losses_finite), None
+            if not finite:
+                self.nonfinite.append("loss")
+
     def clip_grad(self, max_norm: float) -> float:
+        self.check_losses()  # a non-finite loss is named before the gradient norm it makes non-finite
         self.sync_grads(self.trainable)
         norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(norm) and self.accelerator.scaler is None:  # fp16: an overflow, the scaler's to skip

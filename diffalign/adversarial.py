@@ -26,7 +26,6 @@ each averaged over the batch.
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import torch

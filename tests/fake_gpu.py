@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.utils._pytree import tree_map
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 DEVICE = torch.device("meta")  # the stand-in GPU's device as the code under test sees it
 aten = torch.ops.aten

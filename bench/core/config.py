@@ -204,3 +204,14 @@ def variant_of(cfg: dict, module) -> str:
     """The method's variant, with ``/full-finetune`` when every UNet weight is trained."""
     name = module.variant(cfg)
     return name + "/full-finetune" if cfg.get("finetune", "lora") == "full" else name
+
+
+# The short configuration: the method's own preset, shrunk to a few steps and a cheap evaluation, and the method's
+# own smoke settings (its file's ``SMOKE[name]``).
+SHORT_COMMON = ["steps=4", "eval.every=2", "eval.grid_every=4", "checkpoint_every=4", "eval.num_seeds=2",
+                "eval.kl_seeds=1", "threads=1"]
+
+
+def short_overrides(method: str, extra: list[str] | None = None) -> list[str]:
+    """The short configuration of ``method`` (bench regress's, the tests', the GPU check's), then ``extra``."""
+    return SHORT_COMMON + method_module(method).SMOKE[method] + list(extra or [])

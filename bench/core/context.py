@@ -14,9 +14,9 @@ It also guards every optimizer update against non-finite values (``nan_policy``,
 (``score``), a loss (``backward``) or a gradient norm (``clip_grad``) that is NaN or infinite marks the pending
 update, and the guarded optimizer (``adamw``, ``guard``) then skips it: the gradients are dropped and neither the
 weights nor the optimizer's state (Adam's moments, its step count) change.  Under fp16 a non-finite gradient is the
-gradient scaler's routine overflow instead: the scaler skips that update and lowers its scale (``scaler_skips``).  Each skip is counted
-(``skipped_updates``); with ``nan_policy: stop``, or after ``nan_patience`` consecutive skips, the run stops with
-one line naming the step and the term.
+gradient scaler's routine overflow instead: the scaler skips that update and lowers its scale (``scaler_skips``).
+Each guard skip is counted (``skipped_updates``); with ``nan_policy: stop``, or after ``nan_patience``
+consecutive skips, the run stops with one line naming the step and the term.
 """
 from __future__ import annotations
 

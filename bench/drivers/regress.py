@@ -45,12 +45,12 @@ import numpy as np
 import pandas as pd
 
 from bench.core import run
-from bench.core.config import resolve
+from bench.core.config import resolve, short_overrides
 from bench.outputs.plots import pyplot
 from diffalign import store
 from diffalign.errors import BenchError
 from diffalign.store import RunFolder
-from methods import METHODS, method_module
+from methods import METHODS
 from prompts import load_prompts
 
 BASELINES = os.path.join(store.RESULTS_ROOT, "baselines")
@@ -61,19 +61,9 @@ CURVES = ("eval_reward_mean", "fidelity", "kl_to_base")
 LOG_CURVES = ("kl_to_base",)  # positive, multiplicative spread: banded on log values
 LOG_FLOOR = math.log(1.5)
 
-# The short configuration: the method's own preset, shrunk to a few steps and a cheap evaluation, and the method's
-# own smoke settings (its file's ``SMOKE[name]``).
-SHORT_COMMON = ["steps=4", "eval.every=2", "eval.grid_every=4", "checkpoint_every=4", "eval.num_seeds=2",
-                "eval.kl_seeds=1", "threads=1"]
-
-
 RULE = {"k": K, "rel_floor": REL_FLOOR, "abs_floor": ABS_FLOOR, "log_floor": LOG_FLOOR, "log_curves": list(LOG_CURVES),
         "text": "band = mean -/+ max(k * std over seeds, floor, rel_floor * |mean|); for log_curves where every "
                 "seed is positive: exp(mean(log) -/+ max(k * std(log), log_floor))"}
-
-
-def short_overrides(method: str, extra: list[str] | None = None) -> list[str]:
-    return SHORT_COMMON + method_module(method).SMOKE[method] + list(extra or [])
 
 
 def band(per_seed: np.ndarray, floor: float, log: bool = False) -> tuple[np.ndarray, ...]:

@@ -41,7 +41,7 @@ import traceback
 
 import torch
 
-from bench.core.config import resolve
+from bench.core.config import resolve, short_overrides
 from bench.core.run import Run
 from diffalign.errors import BenchError
 from diffalign.store import PROJECT_ROOT, RunFolder, atomic_write_json, atomic_write_text
@@ -240,9 +240,8 @@ def check_unet(model: str, device: str, size: dict, tmp: str, matmul: dict | Non
 
 
 def tiny_world_row(method: str, precision: str, device: str, tmp: str, extra: list[str]) -> dict:
-    """One method in one precision on the tiny world: evaluate the base model, two steps (the second timed), evaluate."""
-    from bench.drivers.regress import short_overrides
-
+    """One method in one precision on the tiny world: the base model's evaluation, two steps (the second timed), and
+    a final evaluation."""
     fresh(device)
     sets = ["eval.num_seeds=2", f"device={device}"] + ([f"mixed_precision={precision}"] if precision != "no" else [])
     run = build_run(method, short_overrides(method, sets + extra), tmp)

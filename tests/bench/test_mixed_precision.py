@@ -24,8 +24,7 @@ from safetensors.torch import load_file
 
 from bench import cli
 from bench.core import run
-from bench.core.config import resolve
-from bench.drivers.regress import short_overrides
+from bench.core.config import resolve, short_overrides
 from diffalign.store import RunFolder
 from methods import METHODS, method_module
 
@@ -118,3 +117,14 @@ def test_the_ratio_test_fails_on_log_probs_stored_in_half_precision(tmp_path, mo
     monkeypatch.setattr(ddpo, "sample", rounded)
     half, _ = first_step("ddpo", "bf16", tmp_path)
     assert half["ratio_dev_first"] > 100 * FLOAT32_TOL
+
+
+@pytest.mark.slow
+def test_a_one_ulp_model_difference_moves_the_first_ratios_in_bf16(tmp_path):
+    """bench.tools.ratio_ulp, the measurement behind docs/gpu.md: what the CPU cannot show (a GPU kernel that differs
+    by one ulp between the sampling and the training batch) does move DDPO's first ratios, in bf16 by more than
+    float32's tolerance, while as is they stay at 1."""
+    from bench.tools import ratio_ulp
+
+    assert ratio_ulp.measure("ddpo", "bf16", False, str(tmp_path))["ratio_dev_first"] == 0.0
+    assert ratio_ulp.measure("ddpo", "bf16", True, str(tmp_path))["ratio_dev_first"] > 10 * FLOAT32_TOL

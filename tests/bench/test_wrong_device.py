@@ -19,8 +19,7 @@ import torch
 from fake_gpu import DEVICE, WrongDevice, fake_gpu
 
 from bench.core import run
-from bench.core.config import resolve
-from bench.drivers.regress import short_overrides
+from bench.core.config import resolve, short_overrides
 from diffalign.pipeline import Pipeline
 from diffalign.sampling import guided_eps
 from diffalign.store import RunFolder

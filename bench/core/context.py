@@ -32,6 +32,9 @@ from diffalign.errors import BenchError
 from diffalign.sampling import initial_noise
 
 
+MAX_METRICS = frozenset({"ratio_dev_first"})  # step metrics that are maxima: reduced by max over the processes
+
+
 class NonFiniteStop(BenchError):
     """The run stopped on non-finite values (nan_policy stop, or nan_patience consecutive skips)."""
 
@@ -180,15 +183,19 @@ class Context:
 
     def mean_metrics(self, metrics: dict) -> dict:
         """Per-process metrics (means over equal shards) -> their mean over the processes (one all-reduce); a number
-        every process already shares stays itself.  The harness applies it to every ``step()``'s metrics."""
+        every process already shares stays itself; a maximum (``MAX_METRICS``) is the maximum over the processes.
+        The harness applies it to every ``step()``'s metrics."""
         if self.world == 1 or not metrics:
             return metrics
         keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if len(keys) < len(metrics):
             return {**metrics, **self.mean_metrics({k: metrics[k] for k in keys})}
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        top = torch.tensor([float(metrics[k]) if k in MAX_METRICS else -math.inf for k in keys], dtype=torch.float64,
+                           device=self.accelerator.device)
         torch.distributed.all_reduce(t)
-        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+        return {k: (m if k in MAX_METRICS else v / self.world) for k, v, m in zip(keys, t.tolist(), top.tolist())}
 
     def mean_tensors(self, tensors: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         """Each tensor averaged over the processes (one flat all-reduce in ``dtype``); the list itself with one

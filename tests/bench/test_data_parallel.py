@@ -100,7 +100,9 @@ def test_two_processes_give_the_one_process_run(method, small_pixel_pipeline_dir
     a, b = metrics_of(one).drop(columns=VOLATILE), metrics_of(two).drop(columns=VOLATILE)
     assert list(a.columns) == list(b.columns) and len(a) == len(b) == 5
     pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
-    num = [c for c in a.columns if c not in EXACT and pd.api.types.is_numeric_dtype(a[c])]
+    # ratio_dev_first is a rounding diagnostic (max |rho - 1| before any update, a maximum over the processes): a
+    # process's half batch rounds its UNet calls differently at the level it measures, so it is not compared
+    num = [c for c in a.columns if c not in EXACT + ["ratio_dev_first"] and pd.api.types.is_numeric_dtype(a[c])]
     np.testing.assert_allclose(b[num].to_numpy(float), a[num].to_numpy(float), rtol=1e-3, atol=1e-5, equal_nan=True)
     manifest = json.load(open(os.path.join(two, "manifest.json")))
     assert manifest["status"] == "complete" and manifest["processes"] == 2
@@ -126,7 +128,9 @@ def test_accelerate_launch_runs_the_same_two_processes(small_pixel_pipeline_dir,
     assert json.load(open(os.path.join(two, "manifest.json")))["processes"] == 2
     a, b = metrics_of(one).drop(columns=VOLATILE), metrics_of(two).drop(columns=VOLATILE)
     pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
-    num = [c for c in a.columns if c not in EXACT and pd.api.types.is_numeric_dtype(a[c])]
+    # ratio_dev_first is a rounding diagnostic (max |rho - 1| before any update, a maximum over the processes): a
+    # process's half batch rounds its UNet calls differently at the level it measures, so it is not compared
+    num = [c for c in a.columns if c not in EXACT + ["ratio_dev_first"] and pd.api.types.is_numeric_dtype(a[c])]
     np.testing.assert_allclose(b[num].to_numpy(float), a[num].to_numpy(float), rtol=1e-3, atol=1e-5, equal_nan=True)
 
 

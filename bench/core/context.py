@@ -31,7 +31,6 @@ from diffalign.ddim import ShardedGenerator
 from diffalign.errors import BenchError
 from diffalign.sampling import initial_noise
 
-
 MAX_METRICS = frozenset({"ratio_dev_first"})  # step metrics that are maxima: reduced by max over the processes
 
 

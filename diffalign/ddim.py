@@ -62,8 +62,20 @@ class ShardedGenerator:
     rows: slice
 
 
-def step_noise(x: torch.Tensor, generator: torch.Generator | ShardedGenerator | None) -> torch.Tensor:
+@dataclasses.dataclass
+class TiledGenerator:
+    """A generator whose every draw is made for ``rows`` rows and repeated ``times`` times (row-major blocks): groups
+    of a batch that must see the same step noise, such as the KL trajectories of every eval prompt."""
+    generator: torch.Generator
+    rows: int
+    times: int
+
+
+def step_noise(x: torch.Tensor, generator: torch.Generator | ShardedGenerator | TiledGenerator | None) -> torch.Tensor:
     """z ~ N(0, I) for one stochastic step, drawn on the CPU (reproducible) in the latents' dtype/device."""
+    if isinstance(generator, TiledGenerator):
+        z = torch.randn((generator.rows, *x.shape[1:]), generator=generator.generator, dtype=torch.float32)
+        return z.repeat(generator.times, *([1] * (x.dim() - 1))).to(x.device, x.dtype)
     if isinstance(generator, ShardedGenerator):
         z = torch.randn((generator.total, *x.shape[1:]), generator=generator.generator, dtype=torch.float32)
         return z[generator.rows].to(x.device, x.dtype)

@@ -144,7 +144,9 @@ class Run:
         state = {"step": self.step, "lora": lora_state_dict(self.ctx.pipe.unet), "method": self.method.state_dict(),
                  "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
                  "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
-                 "eval_samples": self.eval_samples, "eval_time": self.eval_time}
+                 "eval_samples": self.eval_samples, "eval_time": self.eval_time,
+                 "guard": {"skipped_updates": self.ctx.skipped_updates, "consecutive_skips": self.ctx.consecutive_skips,
+                           "scaler_skips": self.ctx.scaler_skips}}
         if self.ctx.accelerator.scaler is not None:  # fp16: the gradient scaler's scale and growth tracker
             state["scaler"] = self.ctx.accelerator.scaler.state_dict()
         self.folder.write_checkpoint(state)
@@ -162,6 +164,9 @@ class Run:
         self.eval_samples = state["eval_samples"]
         self.wall_offset = state["wall"]
         self.eval_time = state.get("eval_time", 0.0)
+        guard = state.get("guard") or {"skipped_updates": (self.rows[-1].get("skipped_updates", 0) if self.rows else 0)}
+        for k, v in guard.items():  # the non-finite guard's counters go on where they were (older checkpoints: rows)
+            setattr(self.ctx, k, int(v))
         if self.ctx.accelerator.scaler is not None and "scaler" in state:
             self.ctx.accelerator.scaler.load_state_dict(state["scaler"])
 

@@ -3,8 +3,8 @@
 model and a perturbed LoRA).  Batching, text embeddings computed once and the KL of the base model taken as 0 must
 change no number.  The KL trajectories of all eval prompts in one call (issue 27) changed the KL by 2.8e-6 relative
 (21233.16774 -> 21233.10729: the last step's small sigma magnifies the kernels' batch-size rounding); its value was
-re-recorded then, and every other number stayed bit for bit.  The recording is exact on the machine kind that made it (its CPU
-capability is stored); elsewhere the kernels differ, so there the check is to 1e-5 relative."""
+re-recorded then, and every other number stayed bit for bit.  The recording is exact on the machine kind that made
+it (its CPU capability is stored); elsewhere the kernels differ, so there the check is to 1e-5 relative."""
 import json
 import os
 

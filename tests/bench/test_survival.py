@@ -258,3 +258,17 @@ def test_fp16_overflows_are_the_scalers_to_skip_and_not_the_nan_guards():
     assert ctx.skipped_updates == 0 and ctx.scaler_skips == 3 and scaler.get_scale() == 65536.0 / 8
     assert torch.equal(w.detach(), torch.ones(3))
     assert _update(ctx, opt, w) and torch.allclose(w.detach(), torch.full((3,), 0.8))
+
+
+def test_a_resumed_run_keeps_the_guards_counts(small_pixel_pipeline_dir, tmp_path):
+    """skipped_updates (a metrics column), the consecutive skips that nan_patience counts and fp16's scaler_skips go
+    on from the checkpoint, instead of starting again at 0 in the resumed process."""
+    cfg = resolve("alignprop", small_run_args(small_pixel_pipeline_dir, tmp_path))
+    first = run.Run(cfg, RunFolder(str(tmp_path / "r")))
+    os.makedirs(first.folder.path)
+    first.t0, first.first_eval = 0.0, {}
+    first.ctx.skipped_updates, first.ctx.consecutive_skips, first.ctx.scaler_skips = 3, 2, 5
+    first.checkpoint()
+    again = run.Run(cfg, RunFolder(str(tmp_path / "r")))
+    again.restore()
+    assert (again.ctx.skipped_updates, again.ctx.consecutive_skips, again.ctx.scaler_skips) == (3, 2, 5)

@@ -146,6 +146,7 @@ def _say(line: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = argv is None  # python -m bench / the diffalign command (tests pass their argv)
         return args.handler(args)
     except BenchError as e:
         _say(f"error: {e}")
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    run.PROCESS_IS_THE_RUN = args.command_line  # a process of its own: its startup is the run's
     if args.resume:
         if args.quick:
             raise BenchError("--quick sets up a new run; accepted: --resume RUN_DIR alone (a run resumes with the "

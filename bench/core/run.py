@@ -72,6 +72,7 @@ CRASH_RANK_ENV = "DIFFALIGN_CRASH_RANK"  # tests: only this process of a data-pa
 SIGNAL_ENV = "DIFFALIGN_SIGTERM_AFTER_STEP"  # tests: send this process SIGTERM right after this step's update
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; resume to continue
 CHECKPOINT_KEYS = ("step", "lora", "method", "generator", "costs", "rows")
+PROCESS_IS_THE_RUN = False  # set by `bench run`: this process was started for one run (its startup is measured)
 
 
 class AlreadyStarted(BenchError):
@@ -91,6 +92,7 @@ class Run:
     """One run: built fully (and checked) before anything is written, then ``train()``."""
 
     def __init__(self, cfg: Config, folder: RunFolder):
+        built = time.time()
         self.cfg, self.folder = cfg, folder
         self.method_module = method_module(cfg.method)
         reward = get_reward(cfg.reward)
@@ -135,6 +137,10 @@ class Run:
         self.eval_time = 0.0                  # seconds spent evaluating (all sessions)
         self.eval0_source = "computed"        # or "cache <key>": where the step-0 evaluation came from
         self.checkpointed_step = -1           # the step of the last checkpoint written by this process
+        self.build_s = time.time() - built    # this run built: models loaded and checked
+        # process start -> this run built (the interpreter, every import, the build), when the process is this run's
+        # own (``bench run``: PROCESS_IS_THE_RUN); None in a process that runs other things too (tests, a sweep)
+        self.startup_s = process_age() if PROCESS_IS_THE_RUN else None
 
     # ---- state ----------------------------------------------------------------------------------------
     def wall(self) -> float:
@@ -290,7 +296,8 @@ class Run:
     def finish(self) -> dict:
         cfg, folder = self.cfg, self.folder
         summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
-        summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time)
+        summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time,
+                       startup_s=self.startup_s, build_s=self.build_s)
         if not self.main:
             self.ctx.barrier()  # the main process writes what follows
             return summary
@@ -450,6 +457,19 @@ def cpu_fp16_scaler(accelerator) -> None:
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         accelerator.scaler = torch.amp.GradScaler("cpu")
         accelerator.native_amp = True
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc; None elsewhere): what a run costs before its loop, the
+    interpreter's start and every import included."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])  # seconds since boot, the clock starttime counts on
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def device_of(cfg: Config) -> str:

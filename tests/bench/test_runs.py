@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import VOLATILE, error_line, metrics_of
+from conftest import ROOT, VOLATILE, error_line, metrics_of
 from conftest import small_run_args as common_run_args
 
 from bench import cli
@@ -52,6 +52,7 @@ def test_run_writes_every_artefact_and_is_deterministic(small_run_args, tmp_path
     pd.testing.assert_frame_equal(df.drop(columns=VOLATILE), metrics_of(b).drop(columns=VOLATILE))
     assert not df["reward_mean"].iloc[1:].equals(metrics_of(c)["reward_mean"].iloc[1:])
     assert summary["eval_reward_after"] == pytest.approx(df["eval_reward_mean"].iloc[-1])
+    assert summary["startup_s"] is None and summary["build_s"] > 0  # in a process that is not the run's own
     # the saved LoRA reloads into a fresh pipeline with exactly the trained weights
     pipe = load_pipeline(resolve("alignprop", small_run_args).model)
     add_lora(pipe.unet, seed=123)
@@ -120,3 +121,15 @@ def test_compare_plots_runs_and_rejects_unknown_metrics(small_run_args, tmp_path
     line = error_line(capsys, ["compare", a, "--metric", "nope", "--out", out])
     assert "metric 'nope' is in none of the runs" in line
     assert "x-axis 'epochs'; accepted: step" in error_line(capsys, ["compare", a, "--x", "epochs", "--out", out])
+
+
+def test_a_process_knows_its_age():
+    """run.process_age, the run's startup in summary.json when bench run is its own process: from the process's start
+    (Linux's /proc), so the interpreter and the imports count."""
+    import subprocess
+    import sys
+
+    code = "import time; t = time.time(); from bench.core.run import process_age; print(process_age(), time.time() - t)"
+    age, imports = map(float, subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert imports <= age + 0.02 < 60  # at least the imports it saw (10 ms ticks), not the machine's uptime

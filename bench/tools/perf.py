@@ -17,7 +17,10 @@ built as ``bench run`` builds it, one update is made untimed (warm-up), then ``-
 
 The floor is the passes the method must make at that batch, timed alone in the same process on the same UNet:
 (forward-only passes) x (one forward per image, no gradients) + (passes with backward) x (one forward + backward per
-image), each at the batch size the method's own UNet calls used most; ``ratio`` = step / floor.  Images per second
+image), each at the batch size the method's own UNet calls used most; plus the passes of every other network the
+method owns (OGDM's discriminator, DPOK's value network: any ``torch.nn.Module`` attribute of its ``Method``), each
+call replayed alone on its first call's inputs, as a forward, or as a forward + backward where the call kept gradients
+(its weights or an input require them); ``ratio`` = step / floor.  Images per second
 counts the training images the step generates (the preference and data methods generate none).
 
 The scaling runs vary the batch (and, for the sampling families, the DDIM steps) of one method per family.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -62,13 +66,15 @@ def _batch_overrides(key: str, value: int) -> list[str]:
 
 
 class Meter:
-    """Seconds per part, and the batch sizes of the UNet's calls."""
+    """Seconds per part, the batch sizes of the UNet's calls, and the calls of the method's other networks."""
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
         self.in_backward = False
         self.unet_batches: collections.Counter = collections.Counter()
         self._starts: list[float] = []
+        self.aux_calls: dict[str, collections.Counter] = {}  # network -> {"forward": n, "forward+backward": n}
+        self.aux_inputs: dict[str, tuple] = {}  # network -> its first call's (args, kwargs), detached
 
     @contextlib.contextmanager
     def part(self, name: str):
@@ -102,6 +108,8 @@ def instrument(run: Run, meter: Meter):
 
     unet.register_forward_pre_hook(pre, with_kwargs=True)
     unet.register_forward_hook(post, with_kwargs=True)
+    for name, module in other_networks(run).items():
+        module.register_forward_pre_hook(functools.partial(_other_call, meter, name), with_kwargs=True)
     pipe.decode = meter.wrap("vae_decode", pipe.decode)
     pipe.encode_prompts = meter.wrap("text_encoding", pipe.encode_prompts)
     backward = ctx.backward
@@ -134,6 +142,58 @@ def instrument(run: Run, meter: Meter):
         GuardedOptimizer.step = step
 
     return undo
+
+
+def _detached(x):
+    return x.detach().clone() if torch.is_tensor(x) else x
+
+
+def _other_call(meter: Meter, name: str, module, args, kwargs) -> None:
+    """A forward pre-hook on one of the method's other networks: count the call, keep the first one's inputs."""
+    if meter.in_backward:
+        return
+    tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+    grads = torch.is_grad_enabled() and (any(p.requires_grad for p in module.parameters())
+                                         or any(a.requires_grad for a in tensors))
+    meter.aux_calls.setdefault(name, collections.Counter())["forward+backward" if grads else "forward"] += 1
+    if name not in meter.aux_inputs:
+        meter.aux_inputs[name] = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+
+
+def other_networks(run: Run) -> dict[str, torch.nn.Module]:
+    """The networks a method owns beside the UNet (its ``Method``'s ``torch.nn.Module`` attributes)."""
+    return {k: v for k, v in vars(run.method).items() if isinstance(v, torch.nn.Module) and v is not run.ctx.pipe.unet}
+
+
+def other_pass_times(module: torch.nn.Module, inputs: tuple, reps: int = 3) -> tuple[float, float]:
+    """(seconds of one forward without gradients, of one forward + backward to the weights) of ``module`` on
+    ``inputs`` (args, kwargs), alone; best of ``reps``."""
+    args, kwargs = inputs
+    params = list(module.parameters())
+    wanted = [p.requires_grad for p in params]
+
+    def fwd():
+        with torch.no_grad():
+            module(*args, **kwargs)
+
+    def fwd_bwd():
+        for p in params:
+            p.requires_grad_(True)
+        module(*args, **kwargs).float().sum().backward()
+        for p, w in zip(params, wanted):
+            p.grad = None
+            p.requires_grad_(w)
+
+    out = []
+    for fn in (fwd, fwd_bwd):
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out[0], out[1]
 
 
 def unet_pass_times(run: Run, batch: int, reps: int = 3) -> tuple[float, float]:
@@ -204,10 +264,22 @@ def _timed(run: Run, cfg, meter: Meter, steps: int, overrides: list[str]) -> dic
     t_fwd, t_fwdbwd = unet_pass_times(run, batch)  # after the parts are read: its calls pass the hooks too
     parts["store"] = store
     parts["other"] = max(0.0, step - sum(parts.values()))
-    floor = (costs["unet_fwd"] - costs["unet_bwd"]) * t_fwd + costs["unet_bwd"] * t_fwdbwd
+    floor_unet = (costs["unet_fwd"] - costs["unet_bwd"]) * t_fwd + costs["unet_bwd"] * t_fwdbwd
+    others = {}
+    for name, module in other_networks(run).items():
+        calls = collections.Counter(meter.aux_calls.get(name))  # read before the replay below (its calls count too)
+        if not calls:
+            continue
+        o_fwd, o_fwdbwd = other_pass_times(module, meter.aux_inputs[name])
+        others[name] = {"forward_per_step": calls["forward"] / steps,
+                        "forward_backward_per_step": calls["forward+backward"] / steps,
+                        "forward_s": o_fwd, "forward_backward_s": o_fwdbwd,
+                        "floor_s": (calls["forward"] * o_fwd + calls["forward+backward"] * o_fwdbwd) / steps}
+    floor = floor_unet + sum(o["floor_s"] for o in others.values())
     return {"method": cfg.method, "variant": cfg.variant, "overrides": overrides, "model": cfg.model,
             "threads": torch.get_num_threads(), "step_s": step, "parts_s": parts, "floor_s": floor,
-            "ratio": step / floor if floor > 0 else None, "unet_call_batch": batch,
+            "ratio": step / floor if floor > 0 else None, "floor_unet_s": floor_unet, "other_networks": others,
+            "unet_call_batch": batch,
             "unet_fwd_per_step": costs["unet_fwd"], "unet_bwd_per_step": costs["unet_bwd"],
             "unet_fwd_s_per_image": t_fwd, "unet_fwd_bwd_s_per_image": t_fwdbwd,
             "images_per_step": costs["images"], "images_per_s": costs["images"] / step,

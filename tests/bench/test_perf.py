@@ -20,3 +20,15 @@ def test_one_measurement_adds_up_and_counts_the_methods_passes(small_pixel_pipel
     assert r["images_per_step"] == 2 and r["peak_mem_mb"] > 0
     md = perf.markdown({"date": "today", "machine": "m", "threads": 2, "steps": 2, "methods": [r], "scaling": {}})
     assert "| alignprop | tiny world |" not in md and "| alignprop |" in md  # a random small pixel pipeline
+
+
+def test_the_floor_counts_ogdms_discriminator(small_pixel_pipeline_dir, tmp_path):
+    """OGDM's floor holds its discriminator's passes: per step, the generator's adversarial term and the
+    discriminator's update on real and fake, each a forward + backward (3), replayed alone and added to the UNet's."""
+    args = small_run_args(small_pixel_pipeline_dir, tmp_path) + ["judge=null", "eval.metrics=[]",
+                                                                 "ogdm.batch_size=4", "ogdm.data=tiny-world"]
+    r = perf.measure("ogdm", args, steps=2)
+    d = r["other_networks"]["disc"]
+    assert d["forward_backward_per_step"] == 3 and d["forward_per_step"] == 0
+    assert d["forward_backward_s"] > d["forward_s"] > 0
+    assert r["floor_s"] == r["floor_unet_s"] + d["floor_s"] and d["floor_s"] == 3 * d["forward_backward_s"]

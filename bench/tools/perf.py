@@ -45,9 +45,10 @@ from bench.core.config import resolve
 from bench.core.context import GuardedOptimizer
 from bench.core.run import Run, peak_memory_mb
 from diffalign.store import PROJECT_ROOT, RunFolder, atomic_write_json, atomic_write_text
+from methods import METHODS as REGISTERED
 
 PARTS = ("unet_forward", "backward", "vae_decode", "text_encoding", "reward", "optimizer", "store", "other")
-METHODS = ("alignprop", "ddpo", "ddpo-sf", "dpok", "rlr", "rlr-code", "diffusion-dpo", "dde", "ogdm")
+METHODS = tuple(REGISTERED)  # every registered method, in the registry's order
 NO_EVAL = ["eval.kl_seeds=0", "steps=100000", "checkpoint_every=5"]
 # one method per family: (method, batch key and values, DDIM-step values or None); extra overrides per batch value
 SCALING = {
@@ -356,6 +357,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['method']} | {model} | {r['step_s']:.3f} | {r['floor_s']:.3f} | {r['ratio']:.2f} | "
                      f"{parts} | {r['unet_fwd_per_step']:.0f} / {r['unet_bwd_per_step']:.0f} | "
                      f"{r['images_per_s']:.2f} | {r['peak_mem_mb']:.0f} |")
+    others = [f"{r['method']}'s {name} ({o['forward_backward_per_step']:g} forward + backward and "
+              f"{o['forward_per_step']:g} forward passes per step, {o['floor_s']:.3f} s)"
+              for r in report["methods"] for name, o in (r.get("other_networks") or {}).items()]
+    if others:
+        lines += ["", "The floor includes the passes of the methods' other networks: " + "; ".join(others) + "."]
     lines += ["", "Scaling (one method per family; step time and peak memory):", ""]
     for fam, rows in report["scaling"].items():
         lines.append(f"- {fam} ({rows[0]['method']}): " + "; ".join(

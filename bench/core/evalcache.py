@@ -14,7 +14,8 @@ The key is a SHA-256 over
 
 - the model folder and every folder of ``models/`` (the judge, the tiny rewards): file names, sizes and contents
   (files over 64 MiB by their first and last 16 MiB and their size);
-- the eval settings: ``eval`` (every key), ``eval_prompts`` and the prompt texts, ``reward``, ``judge``, the
+- the eval settings: ``eval`` (every key but the schedule, ``every`` and ``grid_every``: when a run evaluates
+  changes nothing of its step-0 evaluation), ``eval_prompts`` and the prompt texts, ``reward``, ``judge``, the
   training sampler's steps and guidance (the KL-to-base trajectories), ``finetune``, ``mixed_precision``;
 - where it runs: the device, torch's thread count (the summation order), the torch version, and the
   ``DIFFALIGN_*`` environment variables that name a file or folder (the reward weights they point at);
@@ -46,6 +47,7 @@ CODE = ["bench/core/evaluate.py", "bench/core/fd.py", "bench/tinyworld/judge.py"
         "diffalign/ddim.py", "diffalign/pipeline.py", "diffalign/world.py", "diffalign/frechet.py",
         "diffalign/images.py", "diffalign/realdata.py", "diffalign/lora.py", "prompts/__init__.py"]
 CODE_DIRS = ["rewards", "prompts"]
+SCHEDULE = ("every", "grid_every")  # when a run evaluates: not part of what its step-0 evaluation computes
 
 
 def enabled() -> bool:
@@ -113,7 +115,8 @@ def key(cfg, model_path: str, device: str) -> str:
     models = os.path.join(PROJECT_ROOT, "models")
     if os.path.isdir(models):
         _hash_tree(h, models)
-    settings = {"eval": dict(cfg["eval"]), "eval_prompts": cfg["eval_prompts"], "reward": cfg["reward"],
+    settings = {"eval": {k: v for k, v in dict(cfg["eval"]).items() if k not in SCHEDULE},
+                "eval_prompts": cfg["eval_prompts"], "reward": cfg["reward"],
                 "judge": cfg["judge"], "sampler": {k: cfg["sampler"][k] for k in ("num_steps", "guidance")},
                 "finetune": cfg.get("finetune", "lora"), "mixed_precision": cfg["mixed_precision"],
                 "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -43,6 +43,8 @@ def test_the_key_changes_with_the_eval_settings_and_the_code(small_pixel_pipelin
     k = evalcache.key(resolve("alignprop", args), small_pixel_pipeline_dir, "cpu")
     assert k == evalcache.key(resolve("alignprop", args + ["seed=5", "alignprop.lr=0.1"]), small_pixel_pipeline_dir,
                               "cpu")  # nothing of the method or the seed
+    assert k == evalcache.key(resolve("alignprop", args + ["eval.every=7", "eval.grid_every=3"]),
+                              small_pixel_pipeline_dir, "cpu")  # nor when the run evaluates
     assert k != evalcache.key(resolve("alignprop", args + ["eval.num_seeds=3"]), small_pixel_pipeline_dir, "cpu")
     assert k != evalcache.key(resolve("alignprop", args + ["reward=tiny-clip"]), small_pixel_pipeline_dir, "cpu")
     assert k != evalcache.key(resolve("alignprop", args), small_pixel_pipeline_dir, "cuda")

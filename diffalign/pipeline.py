@@ -168,7 +168,18 @@ def resolve_path(path_or_id: str) -> str:
                      "or a Hugging Face repo id already in the local cache")
 
 
-def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+# The memory layout a run (``bench.core.run``) gives the UNet's convolutions: channels-last (NHWC), which oneDNN on the
+# CPU and cuDNN on GPUs run without layout conversions.  Measured on 2 CPU cores (issue 27, docs/cost.md): a training
+# step 4-10 % faster (AlignProp, DDPO-SF), the eval sampler 5 %; the convolutions sum in another order, so numbers move
+# at float rounding (the tolerance: docs/cost.md).  ``load_pipeline``'s default stays contiguous, as diffusers'
+# pipelines are, so parity with them holds to their tolerance.
+RUN_MEMORY_FORMAT = torch.channels_last
+
+
+def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> Pipeline:
+    """The folder's pipeline on ``device`` in ``dtype``, every module frozen and in eval mode, the UNet's weights in
+    ``memory_format`` (``RUN_MEMORY_FORMAT`` for a run)."""
     import diffusers  # lazy: heavy packages (seconds to import)
     import transformers
 
@@ -228,4 +239,6 @@ def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: to
         if m is not None:
             m.requires_grad_(False)
             m.eval()
-    return pipe.to(device=device, dtype=dtype)
+    pipe = pipe.to(device=device, dtype=dtype)
+    unet.to(memory_format=memory_format)
+    return pipe

@@ -57,7 +57,7 @@ from bench.outputs.plots import plot_run, save_before_after, save_grid
 from diffalign.costs import Costs
 from diffalign.errors import BenchError
 from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, make_full_finetune, save_lora
-from diffalign.pipeline import load_pipeline
+from diffalign.pipeline import RUN_MEMORY_FORMAT, load_pipeline
 from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, FollowerFolder, RunFolder, project_path, safe_name
 from methods import method_module
 from prompts import load_prompts
@@ -113,7 +113,8 @@ class Run:
             check_data_parallel(cfg, self.method_module, self.world)
             if not self.main:  # the main process alone writes the store
                 self.folder = folder = FollowerFolder(folder.path)
-        pipe = load_pipeline(project_path(cfg.model), device=accelerator.device, dtype=DTYPES[cfg.mixed_precision])
+        pipe = load_pipeline(project_path(cfg.model), device=accelerator.device, dtype=DTYPES[cfg.mixed_precision],
+                             memory_format=RUN_MEMORY_FORMAT)
         if hasattr(reward, "to"):
             reward.to(accelerator.device)
         self.evaluator.to(accelerator.device)
@@ -355,6 +356,7 @@ def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tupl
         folder.write_config(cfg)
         folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
                                device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
+                               memory_format=str(RUN_MEMORY_FORMAT).removeprefix("torch."),
                                git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
                                reward=cfg.reward, argv=sys.argv, host=platform.node(), processes=run.world)
         summary = run.train()

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import string
 
@@ -315,6 +316,12 @@ class FlowModel:
 
         return pack_pooled(hidden, pooled).to(self.dtype)
 
+    def to(self, device=None, dtype=None) -> "FlowModel":
+        for m in (self.unet, self.vae, *self.text_encoders):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) latents -> images in [0, 1], as both pipelines decode: latents / scaling_factor +
         shift_factor through the VAE, then (x + 1) / 2 clamped.  Differentiable."""
@@ -348,7 +355,11 @@ def load_flow_model(source, sample_size: int | None = None, max_sequence_length:
         path = str(source)
         source = DiffusionPipeline.from_pretrained(path)
     components = source if isinstance(source, dict) else source.components
+    vae = components["vae"]
+    if sample_size is None and vae is not None and vae.config.get("sample_size"):  # the VAE's image side / its factor
+        sample_size = int(vae.config.sample_size) // 2 ** (len(vae.config.block_out_channels) - 1)
     model = _components_model(components, path, sample_size, max_sequence_length)
+    model.scheduler.schedule_kwargs = functools.partial(schedule_kwargs, model)  # the suite's samplers read it
     for m in (model.unet, model.vae, *model.text_encoders):
         if m is not None:
             m.requires_grad_(False).eval()
@@ -380,21 +391,29 @@ def _shift_mu(scheduler, kind: str, image_seq_len: int) -> float:
     return resolution_shift(image_seq_len, *(c.get(k, v) for k, v in SHIFT_DEFAULTS[kind].items()))
 
 
+def schedule_kwargs(model: FlowModel, num_steps: int, height: int | None = None, width: int | None = None) -> dict:
+    """What ``set_timesteps`` needs besides the number of steps for the pipeline's schedule at (height, width) latents
+    (default: the model's latent size): nothing (SD3, static shift), ``mu`` (SD3, dynamic shift), or ``sigmas`` and
+    ``mu`` (FLUX).  ``load_flow_model`` hands it to the scheduler as ``schedule_kwargs(num_steps)``, which
+    ``diffalign.process`` calls, so the suite's samplers run the pipeline's schedule."""
+    height = height or model.unet.config.sample_size
+    width = width or model.unet.config.sample_size
+    scheduler = model.scheduler
+    if model.kind == SD3:
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            return {}
+        patch = model.unet.transformer.config.patch_size
+        return {"mu": _shift_mu(scheduler, SD3, (height // patch) * (width // patch))}
+    sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    return {"sigmas": sigmas, "mu": _shift_mu(scheduler, FLUX, (height // 2) * (width // 2))}
+
+
 def flow_sigmas(model: FlowModel, num_steps: int, height: int, width: int) -> torch.Tensor:
     """The ``num_steps + 1`` sigmas (float64, terminal 0 last; ``model.scheduler.timesteps`` set alongside) of the
     pipeline's schedule for (height, width) latents.  SD3: the scheduler's own schedule (its ``shift``), with ``mu``
     from the transformer's patch count when it shifts dynamically.  FLUX: sigmas linspace(1, 1/N, N) (unless the
     scheduler uses ``use_flow_sigmas``) and ``mu`` from the packed image's token count, always passed."""
-    scheduler = model.scheduler
-    if model.kind == SD3:
-        if not scheduler.config.get("use_dynamic_shifting", False):
-            return set_sigmas(scheduler, num_steps)
-        patch = model.unet.transformer.config.patch_size
-        return set_sigmas(scheduler, num_steps, mu=_shift_mu(scheduler, SD3, (height // patch) * (width // patch)))
-    sigmas = None if scheduler.config.get("use_flow_sigmas", False) else \
-        np.linspace(1.0, 1 / num_steps, num_steps)
-    return set_sigmas(scheduler, num_steps, sigmas=sigmas,
-                      mu=_shift_mu(scheduler, FLUX, (height // 2) * (width // 2)))
+    return set_sigmas(model.scheduler, num_steps, **schedule_kwargs(model, num_steps, height, width))
 
 
 @torch.no_grad()

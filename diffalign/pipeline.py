@@ -7,8 +7,10 @@
   ``feature_extractor/`` are ignored), or
 - a Hugging Face repo id (``org/name``) that is already in the local cache; nothing is downloaded.
 
-Whatever the folder's scheduler, sampling uses a ``DDIMScheduler`` built from its config (that is
-what every method here is defined on).  All loaded weights are frozen; LoRA adds the trainable ones.
+A DDPM-family folder's scheduler, whatever it is, becomes a ``DDIMScheduler`` built from its config (that is what the
+DDPM side of every method is defined on); a folder whose scheduler is ``FlowMatchEulerDiscreteScheduler`` (the tiny
+flow world; rectified-flow models) keeps it, and ``diffalign.process`` runs the flow's steps on it (``kind`` says
+which).  All loaded weights are frozen; LoRA adds the trainable ones.
 
 SDXL-shaped folders (``text_encoder_2/`` and ``tokenizer_2/`` beside the others, a UNet with
 ``addition_embed_type = "text_time"``) load through the same function and run through the same samplers and
@@ -34,7 +36,8 @@ from diffalign.errors import BenchError
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 LAYOUT = ("a diffusers text-to-image folder: model_index.json with unet/, text_encoder/, tokenizer/, "
-          "scheduler/ and optionally vae/ (SDXL: also text_encoder_2/ and tokenizer_2/)")
+          "scheduler/ and optionally vae/ (SDXL: also text_encoder_2/ and tokenizer_2/), or an SD3- or FLUX-shaped "
+          "one (transformer/, its text encoders, vae/, a flow-matching scheduler/)")
 
 
 @dataclasses.dataclass
@@ -42,7 +45,7 @@ class Pipeline:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    scheduler: object  # diffusers.DDIMScheduler
+    scheduler: object  # diffusers.DDIMScheduler, or FlowMatchEulerDiscreteScheduler for a flow model
     vae: torch.nn.Module | None
     path: str
     text_encoder_2: torch.nn.Module | None = None  # SDXL: the second text encoder (with projection) ...
@@ -61,6 +64,11 @@ class Pipeline:
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def kind(self) -> str:
+        """The noising process: "ddpm" or "flow" (``diffalign.process``), recorded in every run's manifest."""
+        return "flow" if type(self.scheduler).__name__.startswith("FlowMatch") else "ddpm"
 
     @property
     def is_latent(self) -> bool:
@@ -195,9 +203,6 @@ def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: to
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise BenchError(f"model folder {path!r}: model_index.json is malformed ({e}); accepted: {LAYOUT}") from None
-    missing = [c for c in REQUIRED if not os.path.isdir(os.path.join(path, c))]
-    if missing:
-        raise BenchError(f"model folder {path!r} lacks {', '.join(m + '/' for m in missing)}; accepted: {LAYOUT}")
 
     def load(name, loader):
         try:
@@ -212,12 +217,27 @@ def load_pipeline(path_or_id: str, device: str | torch.device = "cpu", dtype: to
         cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
         return getattr(library, cls_name, getattr(library, default))
 
+    if os.path.isdir(os.path.join(path, "transformer")):  # SD3- and FLUX-shaped rectified-flow folders
+        from diffalign.flow_models import TRANSFORMER_KINDS, load_flow_model
+
+        cls = (index.get("transformer") or [None, None])[1]
+        if cls not in TRANSFORMER_KINDS:
+            raise BenchError(f"model folder {path!r} has a transformer/ of class {cls!r}; accepted: "
+                             f"{', '.join(TRANSFORMER_KINDS)}, or {LAYOUT}")
+        return load("transformer", lambda: load_flow_model(path, device=device, dtype=dtype))
+
+    missing = [c for c in REQUIRED if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise BenchError(f"model folder {path!r} lacks {', '.join(m + '/' for m in missing)}; accepted: {LAYOUT}")
     unet = load("unet", lambda: diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet"))
     text_encoder = load("text_encoder", lambda: class_of("text_encoder", transformers, "CLIPTextModel")
                         .from_pretrained(path, subfolder="text_encoder"))
     tokenizer = load("tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
-    scheduler = load("scheduler", lambda: diffusers.DDIMScheduler.from_config(
-        diffusers.DDIMScheduler.load_config(path, subfolder="scheduler")))
+    scheduler_class = diffusers.DDIMScheduler
+    if class_of("scheduler", diffusers, "DDIMScheduler").__name__.startswith("FlowMatch"):
+        scheduler_class = diffusers.FlowMatchEulerDiscreteScheduler  # a rectified-flow model keeps its own
+    scheduler = load("scheduler", lambda: scheduler_class.from_config(
+        scheduler_class.load_config(path, subfolder="scheduler")))
     vae = None
     if os.path.isdir(os.path.join(path, "vae")):
         vae = load("vae", lambda: diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae"))

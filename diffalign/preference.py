@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffalign.costs import Costs
-from diffalign.ddim import add_noise, training_target
 from diffalign.errors import BenchError
 from diffalign.images import decode_image, images_to_x0, stack_images
+from diffalign.process import add_noise, training_target
 from diffalign.sampling import base_model, guided_eps, initial_noise, sample
 from diffalign.store import atomic_write_with
 

@@ -26,9 +26,10 @@ import dataclasses
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from diffalign import process
 from diffalign.costs import Costs
-from diffalign.ddim import ddim_step, gaussian_kl, set_timesteps, step_noise
 from diffalign.lora import reference
+from diffalign.process import gaussian_kl, set_timesteps, step_noise
 
 
 def _guided(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -104,12 +105,12 @@ def sample(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance
     (cond, uncond) text embeddings when the caller already has them (``embed``)."""
     cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
     timesteps = set_timesteps(pipe.scheduler, num_steps)
-    x = x_T * pipe.scheduler.init_noise_sigma
+    x = x_T * process.init_noise_sigma(pipe.scheduler)
     latents, log_probs = [x], []
     for t in timesteps:
         eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
         noise = step_noise(x, generator) if eta > 0 else None
-        out = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noise, reduction=reduction)
+        out = process.step(pipe.scheduler, eps, t, x, num_steps, eta, noise=noise, reduction=reduction)
         x = out.prev
         latents.append(x)
         log_probs.append(out.log_prob if out.log_prob is not None else torch.full((x.shape[0],), float("nan")))
@@ -133,7 +134,7 @@ def sample_with_grad(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int
     grad_mask = [True] * len(timesteps) if grad_mask is None else list(grad_mask)
     if len(grad_mask) != len(timesteps):
         raise ValueError(f"grad_mask has {len(grad_mask)} entries for {len(timesteps)} steps")
-    x = x_T * pipe.scheduler.init_noise_sigma
+    x = x_T * process.init_noise_sigma(pipe.scheduler)
     for i, t in enumerate(timesteps):
         if grad_mask[i]:
             eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs, with_grad=True,
@@ -142,7 +143,7 @@ def sample_with_grad(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int
             with torch.no_grad():
                 eps = guided_eps(pipe.unet, x.detach(), t, cond, uncond, guidance, costs)
         noise = step_noise(x, generator) if eta > 0 else None
-        x = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noise).prev
+        x = process.step(pipe.scheduler, eps, t, x, num_steps, eta, noise=noise).prev
     if costs is not None:
         costs.images += x.shape[0]
     return pipe.decode(x)
@@ -156,13 +157,13 @@ def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guid
     sum).  By the chain rule this bounds the KL between the two models' final-image distributions.
     ``embeddings``: the prompts' (cond, uncond) when the caller already has them."""
     cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
-    x = x_T * pipe.scheduler.init_noise_sigma
+    x = x_T * process.init_noise_sigma(pipe.scheduler)
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # summed where computed: no sync per step
     for t in set_timesteps(pipe.scheduler, num_steps):
-        out = ddim_step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), int(t), x, num_steps,
+        out = process.step(pipe.scheduler, guided_eps(pipe.unet, x, t, cond, uncond, guidance), t, x, num_steps,
                         eta, noise=step_noise(x, generator))
         with base_model(pipe.unet) as base_unet:
-            base = ddim_step(pipe.scheduler, guided_eps(base_unet, x, t, cond, uncond, guidance), int(t), x,
+            base = process.step(pipe.scheduler, guided_eps(base_unet, x, t, cond, uncond, guidance), t, x,
                              num_steps, eta)
         if bool((out.std > 0).all()):
             total += gaussian_kl(out.mean, base.mean, out.std, "sum").double()
@@ -209,7 +210,7 @@ def replay_chain(pipe, x: torch.Tensor, noises: list[torch.Tensor | None], cond:
         ctx = perturbed(params, direction, scale) if i in perturb_steps else contextlib.nullcontext()
         with ctx:
             eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
-        step = ddim_step(pipe.scheduler, eps, int(t), x, num_steps, eta, noise=noises[i], reduction=reduction)
+        step = process.step(pipe.scheduler, eps, t, x, num_steps, eta, noise=noises[i], reduction=reduction)
         x = step.prev
         out.append(x)
         if log_probs is not None:

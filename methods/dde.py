@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import torch
 
+from diffalign import process
 from diffalign.contract import POSITIVE, Choice, Real, rules
 from diffalign.preference import (
     PAIR_DEFAULTS,
@@ -117,25 +118,37 @@ def data_parallel(cfg, world: int) -> str | None:
 # ---- the credit weights ------------------------------------------------------------------------------------
 
 def component_weights(scheduler, data_std: float = 0.5, single_shot_var: str = "posterior") -> dict[str, torch.Tensor]:
-    """lambda_t (stepwise, continuous-time ELBO) and mu_t (single-shot) over the training timesteps, float64."""
-    a = scheduler.alphas_cumprod.double()
-    log_snr = torch.log(a / (1 - a))
+    """lambda_t (stepwise, continuous-time ELBO) and mu_t (single-shot) over the training timesteps
+    (``process.levels``), float64, as weights on the noise error.
+
+    On a flow the derivation is the same on the log-SNR axis (``process.log_snr``: 2 log((1 - s) / s)); its one end
+    without a finite log-SNR, s = 1 (pure noise), takes the value extrapolated from its two neighbours, as t = 0's
+    log SNR_{t-1} is here.  ``credit_weights`` carries the weights to the flow's velocity error."""
+    log_snr = process.log_snr(scheduler, process.levels(scheduler))
+    if not torch.isfinite(log_snr[-1]):
+        log_snr[-1] = 2 * log_snr[-2] - log_snr[-3]
     before = torch.cat([(2 * log_snr[0] - log_snr[1]).view(1), log_snr[:-1]])  # log SNR_{t-1}, extrapolated at t = 0
     lam = 0.5 * (before - log_snr)
     snr = log_snr.exp()
     if single_shot_var == "posterior":
         var = data_std ** 2 / (1 + data_std ** 2 * snr)
     else:
-        var = torch.full_like(a, data_std ** 2)
+        var = torch.full_like(snr, data_std ** 2)
     return {"stepwise": lam, "single-shot": 1 / (2 * var * snr)}
 
 
 def credit_weights(scheduler, cfg) -> torch.Tensor:
-    """The per-timestep credit w(t), t = 0..T-1, of ``cfg``'s weighting, normalised to mean 1 (float64).
+    """The per-timestep credit w(t) over the training timesteps (``process.levels``: t = 0..T-1, or 1..T on a flow),
+    as the weight on the model's own denoising error, normalised to mean 1 (float64).
+
+    The derivation above weighs the noise error D_t; on a flow the pairs' errors are velocity errors, and
+    ||eps_hat - eps||^2 = (1 - s)^2 ||v_hat - v||^2 (``process.eps_error_scale``), so there w(t) is the noise-error
+    weight times (1 - s)^2, then normalised (``uniform`` stays 1: Diffusion-DPO on the velocity error).
 
     ``cfg`` is a run config (the ``dde`` section is read) or that section alone."""
     d = cfg[CONFIG_SECTION] if CONFIG_SECTION in cfg else cfg
-    T = len(scheduler.alphas_cumprod)
+    t_all = process.levels(scheduler)
+    T = len(t_all)
     if d["weighting"] == "uniform":
         return torch.ones(T, dtype=torch.float64)
     parts = component_weights(scheduler, d["data_std"], d["single_shot_var"])
@@ -146,6 +159,7 @@ def credit_weights(scheduler, cfg) -> torch.Tensor:
         tau = int(round(d["split"] * (T - 1)))
         t = torch.arange(T, dtype=torch.float64)
         w = torch.where(t <= tau, lam[tau] / mu[tau] * mu, lam * (T - 1 - t) / (T - 1 - tau))
+    w = w * process.eps_error_scale(scheduler, t_all)
     return w / w.mean()
 
 
@@ -161,12 +175,13 @@ class Method:
 
     def draw_timesteps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t per pair and the weight inside the sigmoid: uniform t with wbar(t), or t ~ wbar / T with 1."""
-        g, T = self.ctx.generator, len(self.weights)
+        g, sched = self.ctx.generator, self.ctx.pipe.scheduler
+        first = int(process.levels(sched)[0])  # weights[i] is the credit of training timestep first + i
         if self.cfg.t_sampling == "importance":
-            t = torch.multinomial(self.weights, n, replacement=True, generator=g)
+            t = torch.multinomial(self.weights, n, replacement=True, generator=g) + first
             return t, torch.ones(n)
-        t = torch.randint(0, T, (n,), generator=g)
-        return t, self.weights[t]
+        t = process.draw_timesteps(sched, n, g)
+        return t, self.weights[t - first]
 
     def step(self) -> dict:
         ctx, c, pipe = self.ctx, self.cfg, self.ctx.pipe

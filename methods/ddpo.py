@@ -36,8 +36,8 @@ import math
 
 import torch
 
+from diffalign import process
 from diffalign.contract import BATCH, MAX_BATCH, MAX_COUNT, Choice, Flag, Int, Real, rules
-from diffalign.ddim import ddim_step
 from diffalign.errors import BenchError
 from diffalign.policy_gradient import (
     PerPromptStatTracker,
@@ -180,7 +180,7 @@ class Method:
                     # 5. log p_theta(stored x_{t-1} | stored x_t, c), the guided prediction recomputed
                     eps = guided_eps(ctx.pipe.unet, x_t, t, traj.cond[idx], uncond, sampler.guidance, ctx.costs,
                                      with_grad=True)
-                    lp = ddim_step(ctx.pipe.scheduler, eps, t, x_t, sampler.num_steps, sampler.eta, prev=x_prev,
+                    lp = process.step(ctx.pipe.scheduler, eps, t, x_t, sampler.num_steps, sampler.eta, prev=x_prev,
                                    reduction=c.logprob_reduction).log_prob
                     # 6. SF: -A log p_theta;  IS: PPO's clipped -A rho
                     out = policy_loss(lp, traj.log_probs[idx, ti].to(lp.device), advantages[idx].to(lp.device),

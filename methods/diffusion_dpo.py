@@ -29,6 +29,7 @@ from diffalign.preference import (
     pairs_split_refusal,
     step_metrics,
 )
+from diffalign.process import draw_timesteps
 from diffalign.store import project_path
 
 CONFIG_SECTION = "diffusion_dpo"
@@ -86,7 +87,7 @@ class Method:
                 continue
             n = len(prompts)
             # 2. one t and one eps per pair, shared by winner and loser
-            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (n,), generator=ctx.generator)
+            t = draw_timesteps(pipe.scheduler, n, ctx.generator)
             noise = torch.randn(x0_w.shape, generator=ctx.generator, dtype=torch.float32).to(x0_w)
             # (several processes: each takes its rows of the batch; the loss is their mean, gradients averaged)
             prompts, x0_w, x0_l, t, noise = (ctx.local(v) for v in (prompts, x0_w, x0_l, t, noise))

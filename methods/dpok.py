@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffalign import process
 from diffalign.contract import BATCH, LR, MAX_COUNT, NONNEG, POSITIVE, Choice, Int, rules
-from diffalign.ddim import ddim_step, gaussian_kl
 from diffalign.policy_gradient import (
     Surrogate,
     SurrogateStats,
@@ -42,6 +42,7 @@ from diffalign.policy_gradient import (
     trained_steps,
     trained_steps_tag,
 )
+from diffalign.process import gaussian_kl
 from diffalign.sampling import base_model, guided_eps, sample
 
 CONFIG_SECTION = "dpok"
@@ -191,8 +192,8 @@ class Method:
                 # 4. rho = exp(log p_theta(x_{t-1} | x_t, c) - log p_old); L = -alpha A clamp(rho, 1 - eps, 1 + eps)
                 eps = guided_eps(unet, b["x_t"], t, b["cond"], b.get("uncond"), sampler.guidance, ctx.costs,
                                  with_grad=True)
-                out = ddim_step(ctx.pipe.scheduler, eps, t, b["x_t"], sampler.num_steps, sampler.eta, prev=b["x_prev"],
-                                reduction=c.logprob_reduction)
+                out = process.step(ctx.pipe.scheduler, eps, t, b["x_t"], sampler.num_steps, sampler.eta,
+                                   prev=b["x_prev"], reduction=c.logprob_reduction)
                 ratio = torch.exp(out.log_prob - b["log_prob"])
                 adv = self.advantages(idx).to(ratio.device)
                 loss = -(c.reward_weight * adv * torch.clamp(ratio, 1 - c.ratio_clip, 1 + c.ratio_clip)).mean()
@@ -200,7 +201,8 @@ class Method:
                 with torch.no_grad(), base_model(unet) as base_unet:
                     eps_pre = guided_eps(base_unet, b["x_t"], t, b["cond"], b.get("uncond"), sampler.guidance,
                                          ctx.costs)
-                    mean_pre = ddim_step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], sampler.num_steps, sampler.eta).mean
+                    mean_pre = process.step(ctx.pipe.scheduler, eps_pre, t, b["x_t"], sampler.num_steps,
+                                            sampler.eta).mean
                 kl = gaussian_kl(out.mean, mean_pre, out.std, c.logprob_reduction)
                 if kl_on:
                     loss = loss + c.kl_weight * kl.mean()

@@ -42,8 +42,8 @@ import torch
 
 from diffalign.adversarial import ADV_LOSSES, Discriminator, discriminator_hinge, generator_loss, r1_penalty
 from diffalign.contract import FRACTION, LR, MAX_BATCH, Choice, Flag, Int, Real, Text, rules
-from diffalign.ddim import add_noise, noise_of, project, training_target, x0_and_eps
 from diffalign.images import image_size, images_to_x0
+from diffalign.process import add_noise, clips_x0, draw_timesteps, noise_of, project, training_target, x0_and_eps
 from diffalign.realdata import load_real_data
 from diffalign.sampling import guided_eps
 
@@ -133,7 +133,7 @@ class Method:
         # 2. t, eps and x_t (and the look-ahead's draws: its own stream), for the whole batch; several processes:
         #    each keeps its rows
         n = len(captions)
-        t = torch.randint(0, T, (n,), generator=ctx.generator)
+        t = draw_timesteps(sched, n, ctx.generator)
         eps = torch.randn((n, *pipe.latent_shape), generator=ctx.generator, dtype=torch.float32)
         u = torch.rand(n, generator=self.s_gen) if self.adversarial else None
         captions, images, t, eps = (ctx.local(v, strided=True) for v in (captions, images, t, eps))
@@ -151,7 +151,7 @@ class Method:
             s = torch.floor(ctx.local(u, strided=True) * (torch.clamp(t, max=int(c.k * T)) + 1)).long()
             t_to = t - s
             x0_hat, eps_hat = x0_and_eps(sched, out, t, x_t)
-            if sched.config.clip_sample:  # the sampler's own DDIM step clips x0_hat (diffalign.ddim.ddim_step, 3.)
+            if clips_x0(sched):  # the sampler's own DDIM step clips x0_hat (diffalign.ddim.ddim_step, 3.)
                 x0_hat = x0_hat.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
             fake = project(sched, x0_hat, eps_hat, t_to)
             with torch.no_grad():

@@ -50,10 +50,11 @@ import math
 
 import torch
 
+from diffalign import process
 from diffalign.contract import NONNEG, POSITIVE, Choice, Flag, Int, Maybe, Real, rules
-from diffalign.ddim import ddim_step, gaussian_log_prob, set_timesteps, step_noise, step_std
 from diffalign.errors import BenchError
 from diffalign.policy_gradient import check_stochastic_sampler
+from diffalign.process import gaussian_log_prob, set_timesteps, step_noise, step_std
 from diffalign.sampling import embed, guided_eps, replay_chain
 
 CONFIG_SECTION = "rlr"
@@ -276,7 +277,7 @@ class DiffusionChain:
 
     def rollout(self, x_T: torch.Tensor) -> Rollout:
         g = self.ctx.step_generator(self.batch)
-        x = x_T * self.pipe.scheduler.init_noise_sigma
+        x = x_T * process.init_noise_sigma(self.pipe.scheduler)
         noises = [step_noise(x, g) for _ in range(self.num_steps)]
         log_probs = []
         xs = [x] + replay_chain(self.pipe, x, noises, self.cond, self.uncond, self.num_steps, self.guidance,
@@ -296,7 +297,7 @@ class DiffusionChain:
         t = self.timesteps[k]
         eps = guided_eps(self.pipe.unet, x, t, self.cond, self.uncond, self.guidance, self.ctx.costs, with_grad=True,
                          checkpointing=self.checkpointing)
-        return ddim_step(self.pipe.scheduler, eps, int(t), x, self.num_steps, self.eta).mean
+        return process.step(self.pipe.scheduler, eps, t, x, self.num_steps, self.eta).mean
 
     def reward(self, x: torch.Tensor) -> torch.Tensor:
         # the rollout's own images again, now with gradients: not a new reward query

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from diffalign import process
 from diffalign.contract import NONNEG, Int, rules
-from diffalign.ddim import ddim_step
 from diffalign.policy_gradient import SurrogateStats, batch_normalise, check_stochastic_sampler, ppo_clipped_surrogate
 from diffalign.sampling import guided_eps, sample
 
@@ -94,7 +94,7 @@ class Method:
         t_last, x_last = traj.timesteps[T - 1], traj.latents[:, T - 1]
         eps = guided_eps(pipe.unet, x_last, t_last, traj.cond, traj.uncond, sampler.guidance, ctx.costs,
                          with_grad=True, checkpointing=c.checkpointing)
-        x0 = ddim_step(pipe.scheduler, eps, int(t_last), x_last, T, 0.0).prev
+        x0 = process.step(pipe.scheduler, eps, t_last, x_last, T, 0.0).prev
         r = ctx.score(pipe.decode(x0), prompts)
         ctx.backward(-c.loss_coeff * r.mean())
         grad_norm = self._update()
@@ -113,7 +113,7 @@ class Method:
             t = traj.timesteps[k]
             eps = guided_eps(pipe.unet, traj.latents[:, k], t, traj.cond, traj.uncond, sampler.guidance, ctx.costs,
                              with_grad=True)
-            lp = ddim_step(pipe.scheduler, eps, int(t), traj.latents[:, k], T, sampler.eta,
+            lp = process.step(pipe.scheduler, eps, t, traj.latents[:, k], T, sampler.eta,
                            prev=traj.latents[:, k + 1], reduction=c.logprob_reduction).log_prob
             out = ppo_clipped_surrogate(lp, traj.log_probs[:, k].to(lp), adv, c.clip_range, MAX_LOG_RATIO)
             ctx.backward(c.ho_loss_coeff * out.loss)

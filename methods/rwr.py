@@ -44,8 +44,8 @@ from __future__ import annotations
 import torch
 
 from diffalign.contract import BATCH, MAX_BATCH, POSITIVE, Choice, Int, Real, rules
-from diffalign.ddim import add_noise, training_target
 from diffalign.errors import BenchError
+from diffalign.process import add_noise, draw_timesteps, training_target
 from diffalign.sampling import guided_eps, sample
 
 CONFIG_SECTION = "rwr"
@@ -129,7 +129,7 @@ class Method:
 
     def step(self) -> dict:
         ctx, c, pipe, sampler = self.ctx, self.cfg, self.ctx.pipe, self.ctx.cfg.sampler
-        sched, T, n = pipe.scheduler, pipe.scheduler.config.num_train_timesteps, c.samples_per_step
+        sched, n = pipe.scheduler, c.samples_per_step
         # 1. c ~ train prompts, x_T ~ N(0, I); x0 <- DDIM(x_T, c; theta) without gradients (this process's rows)
         prompts, x_T, noise_gen = ctx.batch(n, c.prompts_per_step)
         traj = sample(pipe, prompts, x_T, sampler.num_steps, sampler.guidance, sampler.eta, generator=noise_gen,
@@ -142,7 +142,7 @@ class Method:
         losses, norms = [], []
         for _ in range(c.inner_updates):
             # 4. t ~ U{0..T-1}, eps ~ N(0, I) for the whole round (this process's rows), x_t
-            t = ctx.local(torch.randint(0, T, (n,), generator=ctx.generator))
+            t = ctx.local(draw_timesteps(sched, n, ctx.generator))
             eps = ctx.local(torch.randn((n, *x0.shape[1:]), generator=ctx.generator, dtype=torch.float32)).to(x0)
             x_t = add_noise(sched, x0, t, eps)
             # 5. L = sum_i w_i ||target - eps_theta(x_t, t, c)||^2 / D  (eps_theta: the guided output, or cond alone)

@@ -27,8 +27,8 @@ import torch
 
 from bench.core.config import Config
 from diffalign.costs import Costs
-from diffalign.ddim import ShardedGenerator
 from diffalign.errors import BenchError
+from diffalign.process import ShardedGenerator
 from diffalign.sampling import initial_noise
 
 MAX_METRICS = frozenset({"ratio_dev_first"})  # step metrics that are maxima: reduced by max over the processes

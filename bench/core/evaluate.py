@@ -37,8 +37,8 @@ from bench.core.config import Config
 from bench.core.fd import FD_METRIC, FrechetVsNFE
 from bench.tinyworld.judge import load_judge
 from diffalign import world
-from diffalign.ddim import TiledGenerator
 from diffalign.errors import BenchError
+from diffalign.process import TiledGenerator
 from diffalign.sampling import embed, initial_noise, kl_to_base, sample
 from diffalign.store import project_path
 from prompts import load_prompts

@@ -54,6 +54,7 @@ from bench.core.evaluate import Evaluation, Evaluator
 from bench.core.trackers import Trackers
 from bench.outputs import fd_tables
 from bench.outputs.plots import plot_run, save_before_after, save_grid
+from diffalign import process
 from diffalign.costs import Costs
 from diffalign.errors import BenchError
 from diffalign.lora import add_lora, load_lora_state_dict, lora_state_dict, make_full_finetune, save_lora
@@ -357,6 +358,8 @@ def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tupl
         folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
                                device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
                                memory_format=str(RUN_MEMORY_FORMAT).removeprefix("torch."),
+                               model_process=process.kind(run.ctx.pipe.scheduler),
+                               model_architecture=getattr(run.ctx.pipe.unet, "kind", "unet"),
                                git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
                                reward=cfg.reward, argv=sys.argv, host=platform.node(), processes=run.world)
         summary = run.train()

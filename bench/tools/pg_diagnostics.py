@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from diffalign.ddim import ddim_step
+from diffalign import process
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline
 from diffalign.sampling import guided_eps, initial_noise, sample, sample_with_grad
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
             x_t, x_prev = tr.latents[i:i + 1, k], tr.latents[i:i + 1, k + 1]
             unc = tr.uncond[i:i + 1] if tr.uncond is not None else None
             eps = guided_eps(pipe.unet, x_t, t, tr.cond[i:i + 1], unc, a.guidance, None, with_grad=True)
-            out = ddim_step(pipe.scheduler, eps, t, x_t, a.steps, 1.0, prev=x_prev, reduction="sum")
+            out = process.step(pipe.scheduler, eps, t, x_t, a.steps, 1.0, prev=x_prev, reduction="sum")
             gi = flat(torch.autograd.grad(out.log_prob.sum(), params, allow_unused=True)) * adv[i]
             along[k, i], norms[k, i] = gi @ u, gi.norm()
         rows.append({"step": k, "timestep": int(t), "sigma": float(out.std.reshape(-1)[0]),

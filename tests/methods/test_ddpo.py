@@ -98,14 +98,14 @@ def test_skipped_steps_are_left_out_of_training(small_pixel_pipeline_dir, monkey
                                                           "ddpo.skip_first_steps=1", "ddpo.skip_last_steps=1"])
     assert ddpo.variant(ctx.cfg).endswith("/steps-1:2-of-3")
     seen = []
-    real = ddpo.ddim_step
+    real = ddpo.process.step
 
     def spy(scheduler, eps, t, x_t, *args, **kw):
         if kw.get("prev") is not None:  # the training phase's recomputed step
             seen.append(t)
         return real(scheduler, eps, t, x_t, *args, **kw)
 
-    monkeypatch.setattr(ddpo, "ddim_step", spy)
+    monkeypatch.setattr(ddpo.process, "step", spy)
     ddpo.Method(ctx).step()
     timesteps = set_timesteps(ctx.pipe.scheduler, 3)
     assert len(seen) == 2 and all(int(t.reshape(-1)[0]) == int(timesteps[1]) for t in seen)  # 2 minibatches x 1 step

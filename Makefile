@@ -16,7 +16,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model judge base-quality tiny-rewards tiny-pairs clean-venv parity peers
+.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -119,6 +119,10 @@ baselines: $(STAMP)
 # Recipes for the committed tiny-world weights (CPU: about an hour; a GPU: minutes).
 base-model: $(STAMP)
 	$(PY) -m bench.tinyworld.pretrain --out models/tiny-t2i --steps 3000
+
+# The tiny flow world's base model: the same networks and data, rectified flow (velocity loss, logit-normal time).
+flow-model: $(STAMP)
+	$(PY) -m bench.tinyworld.pretrain --out models/tiny-flow --steps 3000 --objective flow
 
 judge: $(STAMP)
 	$(PY) -m bench.tinyworld.judge --out models/tiny-judge

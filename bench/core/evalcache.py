@@ -44,7 +44,8 @@ BIG = 64 * 2 ** 20
 CHUNK = 16 * 2 ** 20
 # every module the evaluation runs: sampler, DDIM, pipeline, judge, world, rewards, prompts, FD
 CODE = ["bench/core/evaluate.py", "bench/core/fd.py", "bench/tinyworld/judge.py", "diffalign/sampling.py",
-        "diffalign/ddim.py", "diffalign/pipeline.py", "diffalign/world.py", "diffalign/frechet.py",
+        "diffalign/ddim.py", "diffalign/process.py", "diffalign/flow.py", "diffalign/flow_models.py",
+        "diffalign/pipeline.py", "diffalign/world.py", "diffalign/frechet.py",
         "diffalign/images.py", "diffalign/realdata.py", "diffalign/lora.py", "prompts/__init__.py"]
 CODE_DIRS = ["rewards", "prompts"]
 SCHEDULE = ("every", "grid_every")  # when a run evaluates: not part of what its step-0 evaluation computes

@@ -6,7 +6,9 @@ The model is an ordinary diffusers text-to-image stack, just small:
 - a 2-layer ``CLIPTextModel`` (width 64);
 - a word-level ``PreTrainedTokenizerFast`` over the grammar's 22 words (saved as ``tokenizer.json``,
   so loading it needs no download);
-- a ``DDIMScheduler`` with the cosine ("squaredcos_cap_v2") schedule, x0 clipping and trailing spacing.
+- a ``DDIMScheduler`` with the cosine ("squaredcos_cap_v2") schedule, x0 clipping and trailing spacing; or, for the
+  tiny *flow* world (``objective="flow"``), a ``FlowMatchEulerDiscreteScheduler`` (rectified flow, no time shift:
+  32x32 pixels need none) and the same UNet predicting the velocity.
 
 ``save_pipeline`` writes them in the standard diffusers folder layout (``model_index.json`` plus one
 sub-folder per component), which is exactly what ``diffalign.pipeline.load_pipeline`` reads back, for
@@ -53,9 +55,14 @@ def build_tokenizer():
                                    model_max_length=MAX_TOKENS)
 
 
-def build_components(seed: int = 0, unet_config: dict | None = None) -> dict:
-    """Freshly initialised unet, text_encoder, tokenizer and scheduler (random weights)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel  # lazy: heavy packages
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+OBJECTIVES = ("eps", "flow")
+
+
+def build_components(seed: int = 0, unet_config: dict | None = None, objective: str = "eps") -> dict:
+    """Freshly initialised unet, text_encoder, tokenizer and scheduler (random weights); ``objective`` "eps" (the
+    DDPM world) or "flow" (the rectified-flow world: the same networks, a flow-matching scheduler)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # lazy: heavy
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()
@@ -66,7 +73,8 @@ def build_components(seed: int = 0, unet_config: dict | None = None) -> dict:
         "unet": UNet2DConditionModel(**(unet_config or UNET_CONFIG)),
         "text_encoder": CLIPTextModel(text_config),
         "tokenizer": tokenizer,
-        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
+        "scheduler": (FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG) if objective == "flow"
+                      else DDIMScheduler(**SCHEDULER_CONFIG)),
     }
 
 

@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 METHOD ?= alignprop
+MODEL  ?=
 REWARD ?=
 STEPS  ?=
 SEED   ?=
@@ -16,7 +17,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality tiny-rewards tiny-pairs clean-venv parity peers
+.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality flow-quality tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -37,7 +38,8 @@ RUNSTAMP := $(shell date +%Y%m%d-%H%M%S)
 MULTI  := $(filter-out 1,$(PROCS))
 bench: $(STAMP)
 	$(if $(MULTI),$(PY) -m torch.distributed.run --nproc_per_node $(PROCS) --master_port $(PORT),$(PY)) -m bench run \
-		--method $(METHOD) $(if $(REWARD),--reward $(REWARD)) $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED)) \
+		--method $(METHOD) $(if $(MODEL),--model $(if $(wildcard models/$(MODEL)/model_index.json),models/$(MODEL),$(MODEL))) \
+		$(if $(REWARD),--reward $(REWARD)) $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED)) \
 		$(if $(MULTI),--out results/runs/$(METHOD)-procs$(PROCS)-$(RUNSTAMP)) $(ARGS)
 
 test: $(STAMP)
@@ -140,6 +142,12 @@ tiny-pairs: $(STAMP)
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)
 	$(PY) -m bench.tools.base_quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
+
+# The tiny flow world's base model, measured the same way (Euler ODE, CFG 3) at 10 and 20 steps.
+flow-quality: $(STAMP)
+	$(PY) -m bench.tools.base_quality --model models/tiny-flow --seeds 4 --json docs/flow_quality.json \
+		--grid docs/flow_samples.png
+	$(PY) -m bench.tools.base_quality --model models/tiny-flow --seeds 4 --num-steps 20 --json docs/flow_quality_20.json
 
 # ImageReward parity: the original image-reward package (own venv, .parity-venv) vs rewards/imagereward.py
 parity: $(STAMP)

@@ -262,7 +262,8 @@ def summary_line(method: str, s: dict, run_dir: str) -> str:
     fid = ""
     if s.get("fidelity_before") is not None:
         fid = f", prompt fidelity {s['fidelity_before']:.2f} -> {s['fidelity_after']:.2f}"
-    line = (f"{method}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
+    on = f" on {s['model']} (flow)" if s.get("model_process") == "flow" else ""
+    line = (f"{method}{on}: eval reward {s['eval_reward_before']:.4f} -> {s['eval_reward_after']:.4f} "
             f"({s['eval_reward_gain_in_se']:+.1f} SE, paired {s.get('eval_reward_gain_in_paired_se', 0):+.1f} SE)"
             f"{fid}{_fd_text(s)}; {s['steps']} steps in {s['wall_time_s']:.0f} s; results in {run_dir}")
     if s.get("baseline"):

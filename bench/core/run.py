@@ -139,6 +139,9 @@ class Run:
         self.eval_time = 0.0                  # seconds spent evaluating (all sessions)
         self.eval0_source = "computed"        # or "cache <key>": where the step-0 evaluation came from
         self.checkpointed_step = -1           # the step of the last checkpoint written by this process
+        self.model_process = process.kind(pipe.scheduler)  # "ddpm" | "flow": shown on every output of a flow run
+        self.model_label = f" ({os.path.basename(os.path.normpath(cfg.model))}, flow)" if self.model_process == "flow" \
+            else ""
         self.build_s = time.time() - built    # this run built: models loaded and checked
         # process start -> this run built (the interpreter, every import, the build), when the process is this run's
         # own (``bench run``: PROCESS_IS_THE_RUN); None in a process that runs other things too (tests, a sweep)
@@ -187,7 +190,7 @@ class Run:
         self.folder.write_metrics(df)
         if self.eval_samples:
             self.folder.write_eval_samples(pd.DataFrame(self.eval_samples))
-        plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}")
+        plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}{self.model_label}")
 
     # ---- one row of the metrics table -----------------------------------------------------------------
     def evaluate(self, grid: bool, final: bool = False) -> dict:
@@ -299,7 +302,8 @@ class Run:
         cfg, folder = self.cfg, self.folder
         summary = self.evaluator.summary(self.first_eval, self.rows[-1], self.eval_samples, self.step)
         summary.update(eval_time_s=self.eval_time, train_time_s=self.wall() - self.eval_time,
-                       startup_s=self.startup_s, build_s=self.build_s)
+                       startup_s=self.startup_s, build_s=self.build_s,
+                       model=os.path.basename(os.path.normpath(cfg.model)), model_process=self.model_process)
         if not self.main:
             self.ctx.barrier()  # the main process writes what follows
             return summary
@@ -309,7 +313,7 @@ class Run:
         save_before_after(folder.grid_path(0), folder.grid_path(self.step), folder.start_vs_end_path)
         folder.write_summary(summary)
         fd_tables.write(folder.path, fd_tables.fd_rows(pd.DataFrame(self.rows), cfg.method, True),
-                              f"{cfg.method} on {cfg.reward}")
+                              f"{cfg.method} on {cfg.reward}{self.model_label}")
         self.trackers.close()
         folder.update_manifest(status="complete", end_time=now(), eval0=self.eval0_source)
         self.ctx.barrier()
@@ -358,7 +362,7 @@ def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tupl
         folder.update_manifest(status="running", start_time=now(), seed=cfg.seed, device=run.device,
                                device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
                                memory_format=str(RUN_MEMORY_FORMAT).removeprefix("torch."),
-                               model_process=process.kind(run.ctx.pipe.scheduler),
+                               model_process=run.model_process,
                                model_architecture=getattr(run.ctx.pipe.unet, "kind", "unet"),
                                git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
                                reward=cfg.reward, argv=sys.argv, host=platform.node(), processes=run.world)

@@ -96,5 +96,5 @@ def test_two_steps_of_a_method_run_on_each_folder(folders, tmp_path, kind, metho
     summary = json.load(open(os.path.join(out, "summary.json")))
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert summary["steps"] == 2 and manifest["status"] == "complete"
-    assert manifest["model_process"] == "flow" and manifest["model_architecture"] == kind
+    assert manifest["model_process"] == summary["model_process"] == "flow" and manifest["model_architecture"] == kind
     assert all(v == v for v in (summary["eval_reward_before"], summary["eval_reward_after"]))  # finite, not NaN

@@ -1,6 +1,8 @@
 """CI regression of reward curves: ``python -m bench regress [--methods ...] [--update]``.
 
-``results/baselines/<method>.json`` holds a reference curve for a SHORT tiny-world run of that method
+``results/baselines/<method>.json`` holds a reference curve for a SHORT tiny-world run of that method, and
+``results/baselines/<method>@<model>.json`` one on another embedded world (``models/<model>``: the tiny flow world,
+``alignprop@tiny-flow``; its overrides hold ``model=models/<model>``)
 (a few optimizer steps; the config is stored in the file, as overrides of the method's preset), recorded
 over several seeds, with a tolerance band derived from the seed spread.
 
@@ -105,9 +107,28 @@ def _finite_steps(df: pd.DataFrame) -> dict[str, set]:
     return out
 
 
+def parse_name(name: str) -> tuple[str, list[str]]:
+    """A baseline's name -> (method, the overrides its world adds): ``ddpo`` -> (ddpo, []), ``ddpo@tiny-flow`` ->
+    (ddpo, [model=models/tiny-flow])."""
+    method, _, model = name.partition("@")
+    if method not in METHODS:
+        raise BenchError(f"baseline name {name!r}: unknown method {method!r}; accepted: <method> or <method>@<model> "
+                         f"with a method of {', '.join(sorted(METHODS))}")
+    if not model:
+        return method, []
+    folder = os.path.join("models", model)
+    if not os.path.isfile(os.path.join(store.PROJECT_ROOT, folder, "model_index.json")):
+        raise BenchError(f"baseline name {name!r}: no embedded model {folder!r}; accepted: <method>@<a folder of "
+                         "models/ holding a diffusers model>")
+    return method, [f"model={folder}"]
+
+
 def record(method: str, seeds: list[int], extra: list[str] | None = None, workdir: str | None = None) -> dict:
-    """Run the short config on every seed and build the baseline (curves, bands, finite columns)."""
-    overrides = short_overrides(method, extra)
+    """Run the short config on every seed and build the baseline (curves, bands, finite columns).  ``method`` may be
+    a baseline name ``<method>@<model>`` (``parse_name``)."""
+    name = method
+    method, world = parse_name(name)
+    overrides = short_overrides(method, world + list(extra or []))
     cfg = resolve(method, overrides)
     tmp = workdir or tempfile.mkdtemp(prefix=f"regress-{method}-")
     t0 = time.time()
@@ -130,7 +151,7 @@ def record(method: str, seeds: list[int], extra: list[str] | None = None, workdi
                      "lower": lower.tolist(), "upper": upper.tolist()}
     finite = [_finite_steps(f) for f in frames]
     always = {c: sorted(set.intersection(*(fs.get(c, set()) for fs in finite))) for c in finite[0]}
-    return {"method": method, "overrides": overrides, "seeds": list(seeds), "variant": cfg["variant"],
+    return {"method": method, "name": name, "overrides": overrides, "seeds": list(seeds), "variant": cfg["variant"],
             "rule": RULE,
             "curves": curves, "finite": {c: s for c, s in always.items() if s},
             "seconds_per_run": round(seconds, 1), "threads": cfg["threads"],
@@ -140,7 +161,7 @@ def record(method: str, seeds: list[int], extra: list[str] | None = None, workdi
 
 def check(baseline: dict, frames: list[pd.DataFrame]) -> list[str]:
     """One line per curve (or column) of the rerun that leaves the baseline; empty when all is well."""
-    method = baseline["method"]
+    method = baseline.get("name", baseline["method"])
     problems = []
     rerun = pd.concat(frames).groupby("step").mean(numeric_only=True)  # the mean over rerun seeds
     for col, steps in baseline.get("finite", {}).items():
@@ -180,7 +201,7 @@ def plot(baseline: dict, frames: list[pd.DataFrame], problems: list[str], path: 
         ax.set_title(m + (" (FAILED)" if failed else ""), fontsize=8)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"bench regress: {baseline['method']} ({baseline['variant']})", fontsize=9)
+    fig.suptitle(f"bench regress: {baseline.get('name', baseline['method'])} ({baseline['variant']})", fontsize=9)
     fig.tight_layout()
     store.save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -214,12 +235,12 @@ def regress(methods: list[str] | None, baselines: str = BASELINES, out: str = RE
     if unbaselined and not methods:
         log(f"regress: no baseline yet for {', '.join(unbaselined)} (not checked)")
     problems = []
-    for method in todo:
+    for method in todo:  # a baseline's name: <method> or <method>@<model>
         base = read_baseline(baseline_path(baselines, method))
         run_seeds = seeds if seeds is not None else base["seeds"][:1]
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix=f"regress-{method}-") as tmp:
-            frames = [_run(method, base["overrides"], s, tmp) for s in run_seeds]
+            frames = [_run(base["method"], base["overrides"], s, tmp) for s in run_seeds]
         found = check(base, frames)
         plot(base, frames, found, os.path.join(out, f"{method}.png"))
         verdict = "FAILED" if found else "ok"

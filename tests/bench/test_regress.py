@@ -15,6 +15,7 @@ import pytest
 import methods.alignprop as alignprop
 from bench import cli
 from bench.drivers import regress
+from diffalign.errors import BenchError
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,13 @@ def test_kl_band_is_taken_on_logs_and_sees_a_method_that_stopped_moving():
         f"ddpo: kl_to_base at step 2 = 0 below band [{lo[1]:.4g}, {hi[1]:.4g}] (and 1 more steps)"]
     healthy = pd.DataFrame({"step": [0, 2, 4], "kl_to_base": per_seed[0]})
     assert regress.check(baseline, [healthy]) == []
+
+
+def test_a_baseline_name_can_name_another_embedded_world(tmp_path):
+    from bench.drivers.regress import parse_name
+
+    assert parse_name("ddpo") == ("ddpo", [])
+    assert parse_name("ddpo-sf@tiny-flow") == ("ddpo-sf", ["model=models/tiny-flow"])
+    for bad, says in (("nope@tiny-flow", "unknown method 'nope'"), ("ddpo@no-such-world", "no embedded model")):
+        with pytest.raises(BenchError, match=says):
+            parse_name(bad)

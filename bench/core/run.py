@@ -139,6 +139,10 @@ class Run:
         self.eval_time = 0.0                  # seconds spent evaluating (all sessions)
         self.eval0_source = "computed"        # or "cache <key>": where the step-0 evaluation came from
         self.checkpointed_step = -1           # the step of the last checkpoint written by this process
+        if getattr(pipe.unet, "kind", None) == "flux" and {cfg.sampler.guidance, cfg.eval.guidance} != {1.0}:
+            raise BenchError(f"model {cfg.model!r} is FLUX-shaped: FLUX.1 runs without classifier-free guidance (its "
+                             f"guidance is an input of the model, {pipe.unet.guidance}); accepted: sampler.guidance=1 "
+                             f"and eval.guidance=1 (got {cfg.sampler.guidance:g} and {cfg.eval.guidance:g})")
         self.model_process = process.kind(pipe.scheduler)  # "ddpm" | "flow": shown on every output of a flow run
         self.model_label = f" ({os.path.basename(os.path.normpath(cfg.model))}, flow)" if self.model_process == "flow" \
             else ""

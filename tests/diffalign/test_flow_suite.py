@@ -98,3 +98,12 @@ def test_two_steps_of_a_method_run_on_each_folder(folders, tmp_path, kind, metho
     assert summary["steps"] == 2 and manifest["status"] == "complete"
     assert manifest["model_process"] == summary["model_process"] == "flow" and manifest["model_architecture"] == kind
     assert all(v == v for v in (summary["eval_reward_before"], summary["eval_reward_after"]))  # finite, not NaN
+
+
+def test_a_flux_run_with_classifier_free_guidance_is_refused_in_one_line(folders, tmp_path):
+    from diffalign.errors import BenchError
+
+    cfg = resolve("alignprop", [f"model={folders[FLUX]}", "judge=null", "eval.metrics=[]", "reward=saturation",
+                                "sampler.guidance=3.0", "eval.guidance=1.0"])
+    with pytest.raises(BenchError, match="FLUX-shaped.*accepted: sampler.guidance=1 and eval.guidance=1"):
+        run.start(cfg, str(tmp_path / "run"))

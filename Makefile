@@ -17,7 +17,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality flow-quality tiny-rewards tiny-pairs clean-venv parity peers
+.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality flow-quality flow-bench tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -142,6 +142,10 @@ tiny-pairs: $(STAMP)
 # The base model's prompt fidelity as the judge reads it (the README's table).
 base-quality: $(STAMP)
 	$(PY) -m bench.tools.base_quality --seeds 4 --json docs/base_quality.json --grid docs/base_samples.png
+
+# Every method's preset on the tiny flow world (results/flow-world, resumable) and its table (docs/flow_world.md).
+flow-bench: $(STAMP)
+	$(PY) -m bench.tools.flow_world $(if $(METHODS),--methods $(METHODS))
 
 # The tiny flow world's base model, measured the same way (Euler ODE, CFG 3) at 10 and 20 steps.
 flow-quality: $(STAMP)

@@ -53,6 +53,13 @@ def is_flow(scheduler) -> bool:
     return kind(scheduler) == "flow"
 
 
+def sampler_variant(scheduler, eta: float) -> str:
+    """The exact name of the sampler a run's steps take (recorded in its manifest)."""
+    if not is_flow(scheduler):
+        return f"ddim (Song et al. 2020, eq. 12; eta={eta:g})"
+    return flow.sde_variant(eta) if eta > 0 else flow.ODE_VARIANT
+
+
 def train_timesteps(scheduler) -> int:
     """T: training timesteps are drawn from 0 .. T-1 (both kinds)."""
     return int(scheduler.config.num_train_timesteps)

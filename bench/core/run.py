@@ -367,6 +367,7 @@ def start(cfg: Config, run_dir: str | None = None, locked: bool = False) -> tupl
                                device_name=device_name(run.device), torch_threads=torch.get_num_threads(),
                                memory_format=str(RUN_MEMORY_FORMAT).removeprefix("torch."),
                                model_process=run.model_process,
+                               sampler_variant=process.sampler_variant(run.ctx.pipe.scheduler, cfg.sampler.eta),
                                model_architecture=getattr(run.ctx.pipe.unet, "kind", "unet"),
                                git=git_commit(), versions=versions(), method=cfg.method, variant=cfg.variant,
                                reward=cfg.reward, argv=sys.argv, host=platform.node(), processes=run.world)

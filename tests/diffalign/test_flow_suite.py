@@ -97,6 +97,7 @@ def test_two_steps_of_a_method_run_on_each_folder(folders, tmp_path, kind, metho
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert summary["steps"] == 2 and manifest["status"] == "complete"
     assert manifest["model_process"] == summary["model_process"] == "flow" and manifest["model_architecture"] == kind
+    assert manifest["sampler_variant"].startswith("flow-grpo-sde" if method == "ddpo-sf" else "euler-ode")
     assert all(v == v for v in (summary["eval_reward_before"], summary["eval_reward_after"]))  # finite, not NaN
 
 

@@ -5,9 +5,12 @@ checks it).  The files, one concern each:
 
     errors.py           BenchError (one-line bad-input errors)
     costs.py            the cost counters (images, reward queries, UNet passes)
-    pipeline.py         load_pipeline: diffusers text-to-image folders (the tiny world, Stable Diffusion)
+    pipeline.py         load_pipeline: diffusers text-to-image folders (the tiny worlds, Stable Diffusion, SD3, FLUX)
     lora.py             LoRA adapters through peft; save/load in diffusers' format
     ddim.py             one DDIM step, its Gaussian log-prob and KL (the DDIM paper's formula 12)
+    flow.py             rectified flow: the Euler ODE step, Flow-GRPO's SDE step and its log-prob
+    process.py          DDPM/DDIM or rectified flow behind one API, chosen by the model's scheduler
+    flow_models.py      SD3- and FLUX-shaped folders behind the UNet's call; their text encoding and schedules
     sampling.py         guided UNet calls (the one counted, optionally checkpointed call) and the samplers
     policy_gradient.py  stat tracker, advantages, PPO surrogate, trained-steps rules
     store.py            atomic writes and RunFolder, the one owner of the run-folder format

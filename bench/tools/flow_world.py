@@ -48,10 +48,10 @@ def run_one(method: str, seed: int, extra: list[str]) -> int:
     return subprocess.call(cmd, cwd=PROJECT_ROOT)
 
 
-def table(seeds: list[int]) -> str:
+def table(methods: list[str], seeds: list[int]) -> str:
     rows = ["| method | seed | eval reward before -> after | gain (SE) | paired (SE) | fidelity | tiny-rating | "
             "KL to base | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for method in METHODS:
+    for method in methods:
         for seed in seeds:
             path = run_dir(method, seed)
             try:
@@ -85,13 +85,13 @@ def _last(path: str, column: str) -> str:
     return f"{float(vals.iloc[-1]):.3g}" if len(vals) else ""
 
 
-def write_doc(seeds: list[int]) -> None:
+def write_doc(methods: list[str], seeds: list[int]) -> None:
     head = ("# The tiny flow world: every method's preset\n\n[README](../README.md) · [all pages](index.md) · "
             "[the flow world](flow.md)\n\nWritten by `make flow-bench` (`bench/tools/flow_world.py`) from "
             "`results/flow-world/`: each method's committed preset, unchanged, on `models/tiny-flow` (seed 0, 2 "
             "threads; eval at the flow world's 10 Euler steps). Gains are in standard errors of the eval reward "
             "over 8 eval prompts x 8 seeds, unpaired and paired.\n\n")
-    atomic_write_text(DOC, head + table(seeds))
+    atomic_write_text(DOC, head + table(methods, seeds))
     print(f"wrote {DOC}")
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), help="default: every registered method")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--table", action="store_true", help="only write docs/flow_world.md from the store")
+    p.add_argument("--table", action="store_true", help="only write docs/flow_world.md from the store (of --methods)")
     p.add_argument("--set", dest="extra", nargs="+", default=[], help="more overrides for every run")
     a = p.parse_args(argv)
     bad = [m for m in a.methods if m not in METHODS]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.table:
         extra = [x for kv in a.extra for x in ("--set", kv)]
         failed = [m for m in a.methods for s in a.seeds if run_one(m, s, extra) != 0]
-    write_doc(a.seeds)
+    write_doc(a.methods, a.seeds)
     if failed:
         print(f"flow-bench: failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

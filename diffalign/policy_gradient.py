@@ -1,6 +1,7 @@
 """What the policy-gradient methods (DDPO, DPOK, RLR's released code) share: advantages, surrogates, step rules.
 
 - ``PerPromptStatTracker``, ``batch_normalise``: DDPO's per-prompt and plain batch reward normalisation;
+  ``group_advantages``: GRPO's normalisation within each group of samples of one prompt, with the group spreads;
 - ``Surrogate`` and its makers: PPO's clipped surrogate (DDPO-IS, rlr-code), REINFORCE (DDPO-SF), and the
   per-sample statistics every one of them reports (importance ratio, clip fraction, approximate KL to the
   sampling policy), gathered over a training phase by ``SurrogateStats``, with ``ratio_dev_first``, max |rho - 1|
@@ -50,6 +51,34 @@ class PerPromptStatTracker:
 def batch_normalise(rewards: torch.Tensor) -> torch.Tensor:
     r = rewards.detach().float()
     return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+
+
+@dataclasses.dataclass
+class GroupAdvantages:
+    """A round's group-relative advantages and what its groups' spreads say (CPU tensors)."""
+
+    advantages: torch.Tensor   # (n,) float32: A_i = (R_i - mean_g) / (std_g + eps), 0 in a zero-spread group
+    group_std: torch.Tensor    # (n / G,) float64: each group's reward std (population, ddof 0)
+    zero_spread: torch.Tensor  # (n / G,) bool: every reward of the group equal (no signal: its advantages are 0)
+
+    @property
+    def zero_spread_fraction(self) -> float:
+        return float(self.zero_spread.double().mean())
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> GroupAdvantages:
+    """GRPO's advantages: the rewards are consecutive groups of ``group_size`` (one prompt's samples each);
+    A_i = (R_i - mean_g) / (std_g + eps) with the group's own mean and population std (ddof 0), in float64.  A group
+    whose rewards are all equal gets advantages exactly 0 (computed, (R - mean) can be a rounding error of the mean,
+    which / eps is not 0) and is counted in ``zero_spread``."""
+    r = rewards.detach().double().cpu().reshape(-1)
+    if group_size < 1 or len(r) % group_size:
+        raise ValueError(f"{len(r)} rewards do not split into groups of {group_size}")
+    g = r.reshape(-1, group_size)
+    mean, std = g.mean(1, keepdim=True), g.std(1, unbiased=False, keepdim=True)
+    zero = g.max(1).values == g.min(1).values
+    adv = torch.where(zero.unsqueeze(1), torch.zeros_like(g), (g - mean) / (std + eps))
+    return GroupAdvantages(adv.reshape(-1).float(), std.squeeze(1), zero)
 
 
 # ---- surrogate losses -----------------------------------------------------------------------------------

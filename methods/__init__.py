@@ -24,6 +24,10 @@ METHODS = {
     "dde": "methods.dde",            # DDE, our reconstruction (dde/reconstructed): DPO with a derived credit weight
     "ogdm": "methods.ogdm",          # OGDM: denoising loss + a noise-level-conditioned discriminator on real data
     "rwr": "methods.rwr",            # RWR: reward-weighted regression (a denoising loss on reward-weighted samples)
+    "flow-grpo": "methods.grpo",       # GRPO: the SDE on every step, KL to the base, fewer training than eval steps
+    "flow-grpo-fast": "methods.grpo",  # GRPO: the SDE and training on a window of 1-2 steps, the ODE elsewhere
+    "dance-grpo": "methods.grpo",      # GRPO: one initial noise per group, a random subset of steps trained, no KL
+    "mix-grpo": "methods.grpo",        # GRPO: the SDE and training on a window that slides along training
 }
 
 

@@ -26,6 +26,10 @@ pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 DDPO = ["ddpo.samples_per_step=4", "ddpo.sample_batch_size=4", "ddpo.train_batch_size=2", "ddpo.lr=0.01",
         "ddpo.stat_min_count=2", "ddpo.skip_first_steps=0", "ddpo.skip_last_steps=0", "ddpo.timestep_fraction=1.0"]
+# GRPO: one group of 4 a round, so each of 2 processes samples half a group: the group statistics need the gathered
+# rewards
+GRPO = ["reward=saturation", "sampler.eta=1.0", "grpo.group_size=4", "grpo.prompts_per_step=1",
+        "grpo.sample_batch_size=4", "grpo.train_batch_size=4", "grpo.grad_accum=1", "grpo.lr=0.01"]
 EXACT = ["step", "images", "reward_queries", "unet_fwd", "unet_bwd", "skipped_updates"]
 
 
@@ -57,6 +61,10 @@ def _args(pipe_dir, tmp_path, method):
         "ogdm": ["reward=saturation", "eval.metrics=[tiny-clip]", "ogdm.batch_size=8", "ogdm.gamma=0.5"],
         "rwr": ["reward=saturation", "rwr.samples_per_step=4", "rwr.prompts_per_step=2", "rwr.top_fraction=0.5",
                 "rwr.lr=0.01"],
+        "flow-grpo": GRPO + ["sampler.num_steps=3"],
+        "flow-grpo-fast": GRPO,
+        "dance-grpo": GRPO + ["sampler.num_steps=3"],
+        "mix-grpo": GRPO + ["sampler.num_steps=4", "grpo.sde_window=2", "grpo.window_every=1"],
     }
     return common + own[method]
 

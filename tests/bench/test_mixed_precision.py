@@ -31,8 +31,10 @@ from methods import METHODS, method_module
 FLOAT32_TOL = 1e-6  # |rho - 1| a float32 recomputation leaves (measured: at most 1.2e-7 in float32)
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the likelihood-ratio methods, with what makes their first inner step come before any update: rlr-code's first-order
-# update precedes its PPO terms, so its learning rate is made too small to move a float32 weight
-RATIO_METHODS = {"ddpo": [], "dpok": [], "rlr": [], "rlr-code": ["rlr_code.lr=1e-12"]}
+# update precedes its PPO terms, so its learning rate is made too small to move a float32 weight; mix-grpo's preset has
+# no KL term, given one here so that a KL is computed (and checked to be float32); dance-grpo has none to check
+RATIO_METHODS = {"ddpo": [], "dpok": [], "rlr": [], "rlr-code": ["rlr_code.lr=1e-12"], "flow-grpo": [],
+                 "flow-grpo-fast": [], "mix-grpo": ["grpo.beta=0.01"]}
 
 
 def quick(method: str, tmp_path, extra=()) -> list[str]:

@@ -9,6 +9,7 @@ from diffalign.policy_gradient import (
     PerPromptStatTracker,
     SurrogateStats,
     check_trained_steps,
+    group_advantages,
     ppo_clipped_surrogate,
     reinforce_surrogate,
     trained_steps,
@@ -70,3 +71,25 @@ def test_trained_steps_and_their_variant_tag():
     check_trained_steps(cfg, "ddpo")
     with pytest.raises(BenchError, match="leave at least one of the sampler's 10 steps"):
         check_trained_steps({**cfg, "ddpo": {"skip_first_steps": 5, "skip_last_steps": 5}}, "ddpo")
+
+
+def test_group_advantages_equal_the_hand_computation_and_count_zero_spread_groups():
+    # three groups of three: [1, 2, 6] (mean 3, population std sqrt((4 + 1 + 9) / 3) = 2.160247), [5, 5, 5] (zero
+    # spread), [0.1, 0.1, 0.1] (zero spread whose float64 mean is 0.10000000000000002, not 0.1: computed,
+    # (R - mean) / eps would be -1.4e-13, not 0)
+    r = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0, 0.1, 0.1, 0.1], dtype=torch.float64)
+    assert float(r[6:].mean()) != 0.1
+    out = group_advantages(r, 3, eps=1e-4)
+    s = 2.160247 + 1e-4
+    assert out.advantages[:3].tolist() == pytest.approx([-2 / s, -1 / s, 3 / s], abs=1e-6)
+    assert out.advantages[:3].tolist() == pytest.approx([-0.925777, -0.462889, 1.388666], abs=1e-6)
+    assert out.advantages[3:].tolist() == [0.0] * 6  # exactly 0 in a zero-spread group
+    assert out.zero_spread.tolist() == [False, True, True] and out.zero_spread_fraction == pytest.approx(2 / 3)
+    assert out.group_std.tolist() == pytest.approx([2.160247, 0.0, 0.0], abs=1e-6)
+    assert out.advantages.dtype == torch.float32
+    # each group is normalised on its own: shifting one group's rewards leaves every advantage unchanged
+    shifted = r.clone()
+    shifted[:3] += 100.0
+    assert torch.allclose(group_advantages(shifted, 3, 1e-4).advantages, out.advantages, atol=1e-6)
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_advantages(r, 4, 1e-4)

@@ -77,8 +77,11 @@ def first_step(method: str, precision: str, tmp_path, extra=()) -> tuple[dict, "
 def float32_only(module, monkeypatch) -> list:
     """Record the dtype of every log-prob, mean and KL the method's module computes."""
     seen = []
-    for name in ("ddim_step", "gaussian_log_prob", "gaussian_kl"):
-        fn = getattr(module, name, None)
+    targets = [(module, name) for name in ("gaussian_log_prob", "gaussian_kl")]
+    if hasattr(module, "process"):  # the sampler step, through diffalign.process (the DDIM or flow step)
+        targets.append((module.process, "step"))
+    for owner, name in targets:
+        fn = getattr(owner, name, None)
         if fn is None:
             continue
 
@@ -88,7 +91,7 @@ def float32_only(module, monkeypatch) -> list:
                 if v is not None:
                     seen.append(v.dtype)
             return out
-        monkeypatch.setattr(module, name, checked)
+        monkeypatch.setattr(owner, name, checked)
     return seen
 
 

@@ -17,6 +17,7 @@ from bench.core import run
 from bench.core.config import resolve
 from diffalign.lora import add_lora, load_lora, lora_state_dict
 from diffalign.pipeline import load_pipeline
+from methods import METHODS
 
 
 @pytest.fixture()
@@ -74,7 +75,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(capsys, tmp_path, sma
     (no_unet / "model_index.json").write_text("{}")
     cases = [
         (["run", "--method", "dpo"],
-         "unknown method 'dpo'; accepted: alignprop, dde, ddpo, ddpo-sf, diffusion-dpo, dpok, ogdm, rlr, rlr-code"),
+         "unknown method 'dpo'; accepted: " + ", ".join(sorted(METHODS))),
         (base + ["--method", "alignprop", "--reward", "beauty"], "unknown reward 'beauty'; accepted:"),
         (base + ["--method", "alignprop", "train_prompts=animals"], "unknown prompt set 'animals'; accepted:"),
         (base + ["--method", "alignprop", "--model", str(tmp_path / "nowhere")], "does not exist; accepted:"),

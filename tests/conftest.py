@@ -133,3 +133,23 @@ def small_run_args(pipe_dir: str, tmp_path) -> list[str]:
     prompts.write_text("a red circle\ntwo blue squares\n")
     return [f"model={pipe_dir}", f"eval_prompts={prompts}", "steps=4", "checkpoint_every=2", "eval.every=2",
             "eval.grid_every=2", "eval.num_seeds=2", "eval.num_steps=2", "sampler.num_steps=2", "threads=2"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second thread buys nothing on a busy 2-core machine; the suite's count is restored after
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_folders(tmp_path_factory):
+    """Random-weight SD3- and FLUX-shaped folders (diffalign.flow_models), built once for the session."""
+    from diffalign import flow_models
+
+    root = tmp_path_factory.mktemp("flow-models")
+    return {flow_models.SD3: flow_models.make_tiny_sd3_folder(root / "tiny-sd3", seed=0),
+            flow_models.FLUX: flow_models.make_tiny_flux_folder(root / "tiny-flux", seed=1)}

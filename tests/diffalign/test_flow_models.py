@@ -18,20 +18,12 @@ SIZE = 16      # pixels: 8 x 8 latents
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: a second thread buys nothing on a busy 2-core machine; the suite's count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow-models")
-    return {SD3: flow_models.make_tiny_sd3_folder(root / "tiny-sd3", seed=0),
-            FLUX: flow_models.make_tiny_flux_folder(root / "tiny-flux", seed=1)}
+def folders(tiny_flow_folders):
+    return tiny_flow_folders
 
 
 def _noise(n: int = len(PROMPTS)) -> torch.Tensor:

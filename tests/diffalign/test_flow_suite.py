@@ -25,19 +25,14 @@ STEPS = 4
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow-suite")
-    return {SD3: flow_models.make_tiny_sd3_folder(root / "tiny-sd3", seed=0),
-            FLUX: flow_models.make_tiny_flux_folder(root / "tiny-flux", seed=1)}
+def folders(tiny_flow_folders):
+    return tiny_flow_folders
+
+
 
 
 @pytest.mark.parametrize("kind", [SD3, FLUX])

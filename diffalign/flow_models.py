@@ -15,7 +15,7 @@ What this module gives the suite:
   drives a UNet.  ``sample`` is (B, C, H, W) latents for both models (FLUX's 2x2 packing, img_ids and txt_ids are
   made inside); ``timestep`` is the scheduler's ``timesteps`` entry, t x 1000 (a number, 0-dim or (B,)), passed to
   SD3 as ``StableDiffusion3Pipeline`` passes it and to FLUX divided by 1000 as ``FluxPipeline`` does;
-  ``encoder_hidden_states`` carries the pooled vector packed as SDXL's does it (``diffalign.pipeline.pack_pooled``:
+  ``encoder_hidden_states`` carries the pooled vector packed as SDXL's does it (``diffalign.conditioning.pack_pooled``:
   one extra token ``[pooled, 0, ...]`` at the end of the text sequence, which needs the pooled width <= the text
   width: 2048 <= 4096 for SD3, 768 <= 4096 for FLUX.1).  FLUX's guidance input is the attribute ``guidance``
   (FluxPipeline's default 3.5) since the call has no slot for it.
@@ -56,6 +56,7 @@ import string
 import numpy as np
 import torch
 
+from diffalign.conditioning import pack_pooled, unpack_pooled
 from diffalign.flow import euler_step, set_sigmas
 
 SD3, FLUX = "sd3", "flux"
@@ -95,13 +96,6 @@ def flux_image_ids(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(width // 2).repeat(height // 2)
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
     return ids.to(device=like.device, dtype=like.dtype)
-
-
-def unpack_pooled(encoder_hidden_states: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of ``diffalign.pipeline.pack_pooled``: (B, L + 1, D) -> text sequence (B, L, D), pooled (B, P)."""
-    hidden = encoder_hidden_states[:, :-1].contiguous()
-    pooled = encoder_hidden_states[:, -1, :pooled_dim].contiguous()
-    return hidden, pooled
 
 
 def _batch_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -312,8 +306,6 @@ class FlowModel:
                                         self.unet.config.cross_attention_dim)
         else:
             hidden, pooled = encode_flux(prompts, self.tokenizers, self.text_encoders, self.max_sequence_length)
-        from diffalign.pipeline import pack_pooled  # lazy, as below: the loader and samplers may import this module
-
         return pack_pooled(hidden, pooled).to(self.dtype)
 
     def to(self, device=None, dtype=None) -> "FlowModel":

@@ -32,6 +32,7 @@ import types
 import torch
 from huggingface_hub import snapshot_download
 
+from diffalign.conditioning import pack_pooled
 from diffalign.errors import BenchError
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -124,13 +125,6 @@ class Pipeline:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         return (x / 2 + 0.5).clamp(0, 1)
-
-
-def pack_pooled(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) hidden states and (B, P) pooled embeddings, P <= D -> (B, L + 1, D): one extra token [pooled, 0]."""
-    extra = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    extra[:, 0, :pooled.shape[-1]] = pooled.to(hidden.dtype)
-    return torch.cat([hidden, extra], dim=1)
 
 
 def _sdxl_forward(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):

@@ -98,22 +98,28 @@ class Trajectory:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, eta: float,
+def sample(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, eta: float | list[float],
            generator: torch.Generator | None = None, costs: Costs | None = None,
            reduction: str = "mean", embeddings: tuple | None = None) -> Trajectory:
-    """Sample without gradients, keeping every latent and each step's log-prob.  ``embeddings``: the prompts'
+    """Sample without gradients, keeping every latent and each step's log-prob.  ``eta``: one noise level for every
+    step, or one per step (GRPO's windows: the stochastic step, its log-prob stored, where it is > 0; the
+    deterministic ODE / DDIM step, no noise drawn and log-prob NaN, where it is 0).  ``embeddings``: the prompts'
     (cond, uncond) text embeddings when the caller already has them (``embed``)."""
+    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple)) else [float(eta)] * num_steps
+    if len(etas) != num_steps:
+        raise ValueError(f"{len(etas)} etas for {num_steps} steps")
     cond, uncond = embeddings if embeddings is not None else embed(pipe, prompts, guidance)
     timesteps = set_timesteps(pipe.scheduler, num_steps)
     x = x_T * process.init_noise_sigma(pipe.scheduler)
     latents, log_probs = [x], []
-    for t in timesteps:
+    for t, eta_t in zip(timesteps, etas):
         eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
-        noise = step_noise(x, generator) if eta > 0 else None
-        out = process.step(pipe.scheduler, eps, t, x, num_steps, eta, noise=noise, reduction=reduction)
+        noise = step_noise(x, generator) if eta_t > 0 else None
+        out = process.step(pipe.scheduler, eps, t, x, num_steps, eta_t, noise=noise, reduction=reduction)
         x = out.prev
         latents.append(x)
-        log_probs.append(out.log_prob if out.log_prob is not None else torch.full((x.shape[0],), float("nan")))
+        log_probs.append(out.log_prob if out.log_prob is not None
+                         else torch.full((x.shape[0],), float("nan"), device=x.device))
     images = pipe.decode(x)
     if costs is not None:
         costs.images += x.shape[0]

@@ -87,8 +87,8 @@ from diffalign.policy_gradient import (
     group_advantages,
     ppo_clipped_surrogate,
 )
-from diffalign.process import gaussian_kl, step_noise
-from diffalign.sampling import Trajectory, base_model, embed, guided_eps
+from diffalign.process import gaussian_kl
+from diffalign.sampling import Trajectory, base_model, guided_eps, sample
 
 CONFIG_SECTION = "grpo"
 NEEDS_DIFFERENTIABLE_REWARD = False
@@ -245,32 +245,6 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     return out
 
 
-@torch.no_grad()
-def sample_mixed(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guidance: float, etas: list[float],
-                 generator=None, costs=None, reduction: str = "mean") -> Trajectory:
-    """``diffalign.sampling.sample`` with an eta per step: the stochastic step (its log-prob stored) where
-    ``etas[i]`` > 0, the deterministic ODE / DDIM step (log-prob NaN, no noise drawn) where it is 0.  With every eta
-    equal it is ``sample`` (tests/methods/test_grpo.py)."""
-    if len(etas) != num_steps:
-        raise ValueError(f"{len(etas)} etas for {num_steps} steps")
-    cond, uncond = embed(pipe, prompts, guidance)
-    timesteps = process.set_timesteps(pipe.scheduler, num_steps)
-    x = x_T * process.init_noise_sigma(pipe.scheduler)
-    latents, log_probs = [x], []
-    for t, eta in zip(timesteps, etas):
-        eps = guided_eps(pipe.unet, x, t, cond, uncond, guidance, costs)
-        noise = step_noise(x, generator) if eta > 0 else None
-        out = process.step(pipe.scheduler, eps, t, x, num_steps, eta, noise=noise, reduction=reduction)
-        x = out.prev
-        latents.append(x)
-        log_probs.append(out.log_prob if out.log_prob is not None
-                         else torch.full((x.shape[0],), float("nan"), device=x.device))
-    images = pipe.decode(x)
-    if costs is not None:
-        costs.images += x.shape[0]
-    return Trajectory(torch.stack(latents, 1), timesteps, torch.stack(log_probs, 1).float(), images, cond, uncond)
-
-
 class Method:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.method_cfg
@@ -289,8 +263,8 @@ class Method:
             batch_prompts, x_T, noise_gen = ctx.batch(c.sample_batch_size, prompts=prompts[b:b + c.sample_batch_size])
             if shared is not None:
                 x_T = ctx.local(shared[b:b + c.sample_batch_size])  # one x_T per group, this process's rows
-            traj = sample_mixed(ctx.pipe, batch_prompts, x_T, sampler.num_steps, sampler.guidance, etas,
-                                generator=noise_gen, costs=ctx.costs, reduction=c.logprob_reduction)
+            traj = sample(ctx.pipe, batch_prompts, x_T, sampler.num_steps, sampler.guidance, etas,
+                          generator=noise_gen, costs=ctx.costs, reduction=c.logprob_reduction)
             # 3. R = r(x0, c)   (several processes: the whole batch gathered on each)
             rewards.append(ctx.gather(ctx.score(traj.images, batch_prompts).float()).cpu())
             parts.append(ctx.gather_trajectory(traj))

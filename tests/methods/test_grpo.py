@@ -180,7 +180,7 @@ def test_the_method_samples_the_sde_and_trains_only_inside_the_round_window(requ
     m = grpo.Method(ctx)
     timesteps = process.set_timesteps(ctx.pipe.scheduler, 4).tolist()
     etas, trained = [], []
-    real_sample, real_step = grpo.sample_mixed, grpo.process.step
+    real_sample, real_step = grpo.sample, grpo.process.step
 
     def sample_spy(pipe, prompts, x_T, num_steps, guidance, etas_, **kw):
         traj = real_sample(pipe, prompts, x_T, num_steps, guidance, etas_, **kw)
@@ -195,7 +195,7 @@ def test_the_method_samples_the_sde_and_trains_only_inside_the_round_window(requ
             trained[-1].extend(timesteps.index(v) for v in t.reshape(-1).tolist())
         return real_step(scheduler, eps, t, x_t, *args, **kw)
 
-    monkeypatch.setattr(grpo, "sample_mixed", sample_spy)
+    monkeypatch.setattr(grpo, "sample", sample_spy)
     monkeypatch.setattr(grpo.process, "step", step_spy)
     starts = []
     for _ in range(3):
@@ -210,13 +210,13 @@ def test_the_method_samples_the_sde_and_trains_only_inside_the_round_window(requ
 
 
 @pytest.mark.parametrize("pipe_dir", PIPES)
-def test_the_mixed_sampler_is_the_suite_sampler_when_every_eta_is_equal(request, pipe_dir):
+def test_the_sampler_with_an_eta_per_step_is_the_one_eta_sampler_when_every_eta_is_equal(request, pipe_dir):
     pipe = load_pipeline(request.getfixturevalue(pipe_dir))
     prompts = ["a red circle", "two blue squares"]
     x_T = torch.randn((2, *pipe.latent_shape), generator=torch.Generator().manual_seed(1))
     for eta in (1.0, 0.0):
         a = sample(pipe, prompts, x_T, 3, 3.0, eta, generator=torch.Generator().manual_seed(2))
-        b = grpo.sample_mixed(pipe, prompts, x_T, 3, 3.0, [eta] * 3, generator=torch.Generator().manual_seed(2))
+        b = sample(pipe, prompts, x_T, 3, 3.0, [eta] * 3, generator=torch.Generator().manual_seed(2))
         assert torch.equal(a.latents, b.latents) and torch.equal(a.images, b.images)
         assert torch.equal(a.log_probs.isnan(), b.log_probs.isnan())
         assert torch.equal(a.log_probs.nan_to_num(), b.log_probs.nan_to_num())
@@ -227,14 +227,14 @@ def test_the_mixed_sampler_is_the_suite_sampler_when_every_eta_is_equal(request,
 @pytest.mark.parametrize("pipe_dir", PIPES)
 def test_dance_grpo_starts_every_sample_of_a_group_from_the_same_noise(request, pipe_dir, monkeypatch):
     starts = {}
-    real = grpo.sample_mixed
+    real = grpo.sample
 
     def spy(pipe, prompts, x_T, *args, **kw):
         traj = real(pipe, prompts, x_T, *args, **kw)
         starts.setdefault(method, []).append((x_T.clone(), traj.latents[:, -1].clone(), list(prompts)))
         return traj
 
-    monkeypatch.setattr(grpo, "sample_mixed", spy)
+    monkeypatch.setattr(grpo, "sample", spy)
     for method in ("dance-grpo", "flow-grpo"):
         grpo.Method(_context(request.getfixturevalue(pipe_dir), method, [])).step()
     for method, shared in (("dance-grpo", True), ("flow-grpo", False)):

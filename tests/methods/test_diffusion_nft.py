@@ -148,11 +148,11 @@ def test_a_round_of_equal_rewards_is_neutral(small_pixel_pipeline_dir):
 
 def test_the_variant_records_every_setting():
     assert resolve("diffusion-nft")["variant"] == (
-        "diffusion-nft/G=8x4-prompts/r=half+half*clip(A/5)(A:group-mean,global-std+0.0001)/beta=1/loss-adaptive/"
-        "old=soft(eta=min(0.001k,0.5))/K=1/guided(w=3)/sampler=ode(steps=10)/no-kl")
-    v = resolve("diffusion-nft", ["nft.old_decay_rate=0", "sampler.guidance=1", "nft.std=group", "nft.kl_coeff=1e-4",
+        "diffusion-nft/G=8x2-prompts/r=half+half*clip(A/5)(A:group-mean,global-std+0.0001)/beta=1/loss-adaptive/"
+        "old=soft(eta=min(0.001k,0.5))/K=1/cfg-free/sampler=ode(steps=10)/no-kl")
+    v = resolve("diffusion-nft", ["nft.old_decay_rate=0", "sampler.guidance=3", "nft.std=group", "nft.kl_coeff=1e-4",
                                   "nft.weighting=uniform", "nft.beta=0.1"])["variant"]
-    assert "/old=round-start/" in v and "/cfg-free/" in v and "group-std" in v and v.endswith("/kl(coeff=0.0001)")
+    assert "/old=round-start/" in v and "/guided(w=3)/" in v and "group-std" in v and v.endswith("/kl(coeff=0.0001)")
     assert "/beta=0.1/loss-uniform/" in v
 
 

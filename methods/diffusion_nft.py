@@ -56,11 +56,11 @@ updated after each round as in the released code (eta_k = min(0.001 k, 0.5) ther
 in the variant); the samples are drawn with the old weights.  CFG: the paper samples and trains CFG-free (guidance
 1, the conditional velocity); here the trained velocity is the sampler's, v = v_u + w (v_c - v_u) at
 ``sampler.guidance`` w (both branches trained when w != 1, as RWR's ``loss_on: guided``), so a run at the tiny
-world's guidance 3 trains the guided field it samples from, and w = 1 is the paper's CFG-free form (recorded as
-``cfg-free`` / ``guided(w=..)``).  Training times are uniform over the process's levels (the released code trains on
-the sampler's own 10-step schedule times; the loss is the flow-matching expectation over t, which uniform draws
-estimate).  The released code's per-prompt mean with the round's global std is ``std: global`` (its default); the
-group's own std is ``std: group``.
+world's guidance 3 trains the guided field it samples from, and w = 1 is the paper's CFG-free form, the preset's
+(recorded as ``cfg-free`` / ``guided(w=..)``; the evaluation keeps the suite's guidance).  Training times are
+uniform over the process's levels (the released code trains on the sampler's own 10-step schedule times; the loss
+is the flow-matching expectation over t, which uniform draws estimate).  The released code's per-prompt mean with
+the round's global std is ``std: global`` (its default); the group's own std is ``std: group``.
 
 Logged: ``reward_mean`` / ``reward_std``, ``r_mean`` / ``r_std`` (the optimality probabilities), ``r_saturated``
 (the fraction with |A| >= adv_clip), ``zero_spread_frac`` (groups whose rewards are all equal: r = 1/2, no signal),

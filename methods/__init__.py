@@ -28,6 +28,7 @@ METHODS = {
     "flow-grpo-fast": "methods.grpo",  # GRPO: the SDE and training on a window of 1-2 steps, the ODE elsewhere
     "dance-grpo": "methods.grpo",      # GRPO: one initial noise per group, a random subset of steps trained, no KL
     "mix-grpo": "methods.grpo",        # GRPO: the SDE and training on a window that slides along training
+    "diffusion-nft": "methods.diffusion_nft",  # DiffusionNFT: implicit positive/negative flow matching on clean samples
 }
 
 

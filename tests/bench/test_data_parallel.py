@@ -65,6 +65,8 @@ def _args(pipe_dir, tmp_path, method):
         "flow-grpo-fast": GRPO,
         "dance-grpo": GRPO + ["sampler.num_steps=3"],
         "mix-grpo": GRPO + ["sampler.num_steps=4", "grpo.sde_window=2", "grpo.window_every=1"],
+        # one group of 4 a round: each process samples half a group, r needs the gathered rewards
+        "diffusion-nft": ["reward=saturation", "nft.group_size=4", "nft.prompts_per_step=1", "nft.lr=0.01"],
     }
     return common + own[method]
 

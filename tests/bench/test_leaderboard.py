@@ -166,8 +166,9 @@ def test_committed_protocol_plans_every_method_reward_and_seed():
     p = leaderboard.load_protocol(leaderboard.DEFAULT_PROTOCOL)
     assert (p.name, p.version, p.seeds, len(p.rewards)) == ("tiny-v1", 1, [0, 1, 2], 4)
     # a published protocol is never edited: it plans every method registered when it was published (2026-12-05);
-    # methods registered since (rwr, the four GRPO variants) wait for the next protocol
-    assert set(p.methods) == set(METHODS) - {"rwr", "flow-grpo", "flow-grpo-fast", "dance-grpo", "mix-grpo"}
+    # methods registered since (rwr, the four GRPO variants, diffusion-nft) wait for the next protocol
+    assert set(p.methods) == set(METHODS) - {"rwr", "flow-grpo", "flow-grpo-fast", "dance-grpo", "mix-grpo",
+                                             "diffusion-nft"}
     runs = leaderboard.plan(p)
     free = [m for m in p.methods if p.methods[m].get("reward_free")]
     assert free == ["ogdm"] and len(runs) == 3 * (4 * (len(p.methods) - 1) + 1)

@@ -141,6 +141,19 @@ def encode_images(images: torch.Tensor, encoding: str = "f32") -> dict:
     return {"encoding": encoding, "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode("ascii")}
 
 
+def request_body(images: dict, prompts: list[str], metadata: dict | None = None) -> bytes:
+    """A /score request's JSON bytes.  The base64 data (JSON-safe characters only) is spliced in as bytes rather than
+    passed through ``json.dumps``, which would scan its megabytes for characters to escape."""
+    data = images["data"]
+    spliced = isinstance(data, str)
+    head = {**images, "data": "\x00"} if spliced else images
+    text = json.dumps({"version": VERSION, "images": head, "prompts": list(prompts), "metadata": metadata or {}})
+    if not spliced:
+        return text.encode("utf-8")
+    before, after = text.split('"\\u0000"', 1)
+    return b"".join([before.encode("utf-8"), b'"', data.encode("ascii"), b'"', after.encode("utf-8")])
+
+
 class BadRequest(ValueError):
     """A request the server refuses (its message is the reply's one line)."""
 
@@ -178,10 +191,9 @@ def decode_images(field, max_images: int, max_side: int) -> torch.Tensor:
     arr = np.frombuffer(raw, dtype="<f4" if enc == "f32" else np.uint8).reshape(b, c, h, w)
     if enc == "u8":
         return torch.from_numpy(arr.astype(np.float32)) / 255
-    t = torch.from_numpy(arr.astype(np.float32))
-    if not bool(torch.isfinite(t).all()):
+    if not np.isfinite(arr).all():  # numpy's check: torch's is ~20x slower on one thread here
         raise BadRequest("f32 images hold NaN or infinite pixels; accepted: finite values in [0, 1]")
-    return t
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 def _decode_pngs(data: list[str], max_side: int) -> torch.Tensor:
@@ -346,8 +358,7 @@ class RemoteReward:
         n = images.shape[0]
         if len(prompts) != n:
             raise BenchError(f"{n} images and {len(prompts)} prompts; accepted: one prompt per image")
-        body = json.dumps({"version": VERSION, "images": encode_images(images, self.encoding),
-                           "prompts": list(prompts), "metadata": {"client": "diffalign"}}).encode("utf-8")
+        body = request_body(encode_images(images, self.encoding), prompts, {"client": "diffalign"})
         reply = self._call("POST", "/score", body)
         try:
             scores, terms, dtype = parse_reply(reply, n)

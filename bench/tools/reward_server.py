@@ -35,7 +35,7 @@ import torch
 
 from diffalign.errors import BenchError
 from rewards import get_reward
-from rewards.remote import (ENCODINGS, FEEDBACK, VERSION, BadRequest, decode_images, read_token, tokens_match)
+from rewards.remote import ENCODINGS, FEEDBACK, VERSION, BadRequest, decode_images, read_token, tokens_match
 
 LIMITS = {"max_batch": 64, "max_images": 256, "max_side": 1024, "max_body_mb": 64.0, "max_queue": 64,
           "batch_wait_ms": 2.0}

@@ -13,10 +13,10 @@ import time
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, VOLATILE, error_line, metrics_of, small_run_args
 
 from bench.core import run
 from bench.core.config import resolve
-from conftest import ROOT, VOLATILE, error_line, metrics_of, small_run_args
 from rewards import get_reward
 from rewards.remote import BadReply, RemoteReward, RewardUnavailable, encode_images
 
@@ -159,7 +159,7 @@ def without_volatile(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=[c for c in REMOTE_VOLATILE if c in df])
 
 
-# ---- acceptance 1: the same metrics as in-process -------------------------------------------------------------------
+# ---- acceptance 1: the same metrics as in-process ----------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [
@@ -199,7 +199,7 @@ def test_remote_specs_and_client_settings_are_checked(capsys):
     assert "'remote.encoding'" in line and "f32" in line
 
 
-# ---- acceptance 2: faults ---------------------------------------------------------------------------------------------
+# ---- acceptance 2: faults ----------------------------------------
 
 def bench_run(args: list[str], tmp_path, timeout: int = 240, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", "run", *args], cwd=ROOT, env=env_for(tmp_path, **env),
@@ -345,7 +345,7 @@ def test_a_nan_score_from_a_real_server_stops_the_run_with_one_line_and_no_score
     assert json.load(open(os.path.join(out, "manifest.json")))["status"] == "interrupted"
 
 
-# ---- acceptance 3: security ---------------------------------------------------------------------------------------------
+# ---- acceptance 3: security ----------------------------------------
 
 def test_off_loopback_without_a_token_the_server_refuses_to_start(capsys, monkeypatch):
     monkeypatch.delenv("DIFFALIGN_REWARD_TOKEN", raising=False)
@@ -388,3 +388,16 @@ def test_requests_without_the_token_or_too_large_are_refused_and_the_server_live
             RemoteReward(server.url).connect()
     finally:
         server.stop()
+
+
+def test_the_wire_format_round_trips_each_encoding():
+    from bench.tools.reward_server import LIMITS, parse_request
+    from rewards.remote import request_body
+
+    x = torch.rand(3, 3, 5, 7, generator=torch.Generator().manual_seed(2))
+    q = (x * 255).round() / 255
+    prompts = ['a "quoted" prompt', "\x00", "two blue squares"]
+    for enc, want in (("f32", x), ("u8", q), ("png", q)):
+        images, got = parse_request(request_body(encode_images(x, enc), prompts, {"client": "t"}), LIMITS)
+        assert got == prompts and images.dtype == torch.float32
+        assert torch.equal(images, want) if enc == "f32" else torch.allclose(images, want, atol=1e-7), enc

@@ -166,6 +166,12 @@ def without_volatile(df: pd.DataFrame) -> pd.DataFrame:
     ("ddpo-sf", []),
     ("diffusion-dpo", ["diffusion_dpo.pairs=base", "diffusion_dpo.pool_prompts=2", "diffusion_dpo.samples_per_prompt=2",
                        "diffusion_dpo.batch_size=4", "diffusion_dpo.lr=0.01"]),
+    ("rwr", ["rwr.samples_per_step=4", "rwr.prompts_per_step=2", "rwr.top_fraction=0.5", "rwr.lr=0.01"]),
+    ("dpok", ["dpok.g_batch=2", "dpok.p_step=2", "dpok.p_batch=2", "dpok.grad_accum=1", "dpok.baseline=value",
+              "sampler.eta=1.0", "dpok.lr=0.01", "dpok.skip_first_steps=0", "dpok.skip_last_steps=0"]),
+    ("flow-grpo", ["grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.sample_batch_size=4",
+                   "grpo.train_batch_size=4", "grpo.grad_accum=1", "grpo.lr=0.01", "sampler.num_steps=3",
+                   "eval.num_steps=4"]),
 ])
 def test_a_run_against_a_server_has_the_in_process_metrics(served, small_pixel_pipeline_dir, tmp_path, method, extra):
     args = ddpo_sf_args(small_pixel_pipeline_dir, tmp_path) if method == "ddpo-sf" else (

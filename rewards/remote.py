@@ -358,6 +358,15 @@ class RemoteReward:
         n = images.shape[0]
         if len(prompts) != n:
             raise BenchError(f"{n} images and {len(prompts)} prompts; accepted: one prompt per image")
+        most = int(self.info.get("max_images") or n)
+        if n > most > 0:  # more than the server takes in one request: in its largest pieces
+            parts, terms = [], []
+            for i in range(0, n, most):
+                parts.append(self(images[i:i + most], prompts[i:i + most]))
+                terms.append(self.last_terms)
+            self.last_terms = {k: torch.cat([t[k] for t in terms]) for k in terms[0]
+                               if all(k in t for t in terms)}
+            return torch.cat(parts)
         body = request_body(encode_images(images, self.encoding), prompts, {"client": "diffalign"})
         reply = self._call("POST", "/score", body)
         try:

@@ -374,6 +374,13 @@ def test_requests_without_the_token_or_too_large_are_refused_and_the_server_live
         assert request(port, "GET", "/info")[0] == 401
         status, reply = request(port, "POST", "/score", b"x" * 60_000, good)
         assert status == 413 and "accepted: at most 52428 bytes" in reply["error"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # no Content-Length: cut off while read
+        try:
+            conn.request("POST", "/score", body=iter([b"x" * 16_384] * 8), headers=good, encode_chunked=True)
+            r = conn.getresponse()
+            assert r.status == 413 and "body over 52428 bytes" in json.loads(r.read())["error"]
+        finally:
+            conn.close()
         status, reply = request(port, "POST", "/score", score_body(n=5), good)
         assert status == 400 and "5 images in one request; accepted: 1 to 4" in reply["error"]
         status, reply = request(port, "POST", "/score", score_body(n=1, side=32), good)
@@ -407,3 +414,20 @@ def test_the_wire_format_round_trips_each_encoding():
         images, got = parse_request(request_body(encode_images(x, enc), prompts, {"client": "t"}), LIMITS)
         assert got == prompts and images.dtype == torch.float32
         assert torch.equal(images, want) if enc == "f32" else torch.allclose(images, want, atol=1e-7), enc
+
+
+def test_a_server_down_at_the_start_is_one_line_and_no_run_folder(capsys, tmp_path):
+    out = tmp_path / "never"
+    line = error_line(capsys, ["run", "--method", "ddpo-sf", "--reward", f"http://127.0.0.1:{free_port()}", "--out",
+                               str(out), "--set", "remote.max_wait_s=0.5", "remote.backoff_s=0.1"])
+    assert "gave no usable reply for" in line and "ConnectionRefusedError" in line and not out.exists()
+
+
+def test_a_batch_larger_than_the_server_takes_goes_in_pieces(served):
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    r = RemoteReward(served.url)
+    r.connect()
+    r.info["max_images"] = 2  # as a server with --max-images 2 declares it
+    before = r.stats["requests"]
+    assert torch.allclose(r(x, ["a red circle"] * 5), get_reward("tiny-aesthetic")(x, ["a red circle"] * 5), atol=1e-5)
+    assert r.stats["requests"] - before == 3

@@ -436,3 +436,18 @@ def test_a_batch_larger_than_the_server_takes_goes_in_pieces(served):
     before = r.stats["requests"]
     assert torch.allclose(r(x, ["a red circle"] * 5), get_reward("tiny-aesthetic")(x, ["a red circle"] * 5), atol=1e-5)
     assert r.stats["requests"] - before == 3
+
+
+def test_a_served_weighted_sum_sends_its_terms(tmp_path):
+    spec = "tiny-aesthetic:1,saturation:0.5"
+    server = Server(tmp_path, free_port(), spec).wait_ready()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    try:
+        remote, local = RemoteReward(server.url), get_reward(spec)
+        assert remote.connect()["name"] == local.name
+        assert torch.equal(remote(x, ["p"] * 3), local(x, ["p"] * 3))
+        assert remote.last_terms.keys() == local.last_terms.keys()
+        for k in local.last_terms:
+            assert torch.equal(remote.last_terms[k], local.last_terms[k].float()), k
+    finally:
+        server.stop()

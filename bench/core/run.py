@@ -24,7 +24,10 @@ interrupted.  What a run survives:
   (``checkpoint.prev.pt``) with one warning line, or names the files if neither is usable;
 - non-finite rewards, losses or gradients: the update is skipped (``bench.core.context``), counted in
   ``skipped_updates``, and the run stops after ``nan_patience`` consecutive skips (manifest ``stopped``);
-- a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid.
+- a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid;
+- a reward server (``--reward http://HOST:PORT``) down past ``remote.max_wait_s``, or replying badly: the last whole
+  step is checkpointed (from an in-memory copy of the run's state taken before each step: the LoRA and optimizer
+  state, or every UNet weight under ``finetune: full``) and the run stops with one line (docs/reward-server.md).
 
 The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.core.evaluate``'s.
 """

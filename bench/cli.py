@@ -12,6 +12,7 @@ installed console script ``diffalign`` is the same CLI (``diffalign run --method
     python -m bench report [RUNS...] [--method M ...] --out report.html
     python -m bench regress [--methods M ...] [--update [--seeds S ...] [--set K=V]]
     python -m bench leaderboard [--protocol FILE] [--executor local|ray] [--tables-only]
+    python -m bench serve-reward --reward SPEC [--host 127.0.0.1] [--port 8765]   # docs/reward-server.md
 
 RUNS are run folders or folders holding them (results/runs, a sweep folder; default results/runs).
 
@@ -31,6 +32,7 @@ from bench.drivers import leaderboard, regress, sweep
 from bench.outputs import table
 from bench.outputs.compare import RunData, plot_curves, plot_metrics, select_runs, side_by_side, warn_mixed_rewards
 from bench.outputs.report import write_report
+from bench.tools import reward_server
 from diffalign.errors import BenchError
 from diffalign.store import RunFolder, safe_name
 from methods import METHODS
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--address", help="ray: HOST:PORT of a running Ray head (default: a local instance)")
     b.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs each run's task asks for (default 1)")
     b.set_defaults(handler=leaderboard.main)
+    v = sub.add_parser("serve-reward", help="serve a reward over HTTP for runs started with --reward http://HOST:PORT")
+    reward_server.add_arguments(v)
+    v.set_defaults(handler=reward_server.main)
     return p
 
 

@@ -16,6 +16,8 @@ A reward spec, as given to ``REWARD=`` / ``--reward``, is one of
     name:1.0,other:0.5            a weighted sum; each term is also reported on its own
     package.module:Class          a user's own reward class (constructed with no arguments), found
                                   on ``sys.path`` (the current directory is searched too)
+    http://HOST:PORT              a reward served by another process (``remote:HOST:PORT`` too): scores only,
+                                  never differentiable (``rewards/remote.py``, docs/reward-server.md)
 
 Published reward models load only from local files or a pre-filled Hugging Face cache; see each
 module for the files and the environment variable that points at them.
@@ -61,7 +63,7 @@ def available() -> list[str]:
 
 def _accepted() -> str:
     return (f"accepted: {', '.join(available())}, a weighted sum like 'aesthetic:1.0,hpsv2:0.5', "
-            "or a class of your own as 'package.module:Class'")
+            "a class of your own as 'package.module:Class', or a reward server as http://HOST:PORT")
 
 
 def _import_attr(target: str):
@@ -120,11 +122,16 @@ class WeightedSum:
         return total
 
 
-def get_reward(spec: str):
-    """A reward from its spec (see the module docstring)."""
+def get_reward(spec: str, remote: dict | None = None):
+    """A reward from its spec (see the module docstring); ``remote``: a reward server's client settings (the run
+    config's ``remote`` section: timeouts, back-off, the bound on waiting, the image encoding)."""
     if not isinstance(spec, str) or not spec.strip():
         raise BenchError(f"reward must be a non-empty string; {_accepted()}")
     spec = spec.strip()
+    from rewards.remote import RemoteReward, is_remote_spec
+
+    if is_remote_spec(spec):
+        return RemoteReward(spec, remote)
     if spec in REGISTRY:
         return _registered(spec)
     parts = [p for p in spec.split(",")]

@@ -48,11 +48,16 @@ COMMON: dict = {
     "checkpoint_every": 5,
     "tag": "",
     "trackers": [],                  # optional mirrors of the metrics: tensorboard, wandb (the store stays the truth)
+    # a reward served by another process (--reward http://HOST:PORT, docs/reward-server.md): one request's timeout,
+    # the first back-off (doubling up to backoff_max_s), the bound on how long one reward call waits before the run
+    # checkpoints its last whole step and exits, and how images travel (f32: exact, the in-process scores)
+    "remote": {"timeout_s": 60.0, "backoff_s": 0.5, "backoff_max_s": 10.0, "max_wait_s": 300.0, "encoding": "f32"},
 }
 # Keys added after runs were committed to the store.  At these values a config means exactly what it meant before
 # the key existed (the code behaved so), so a run's identity (``identity``, the sweep hash) leaves them out and the
 # committed runs keep their identity.  ``eval.fd`` only matters when "fd" is in eval.metrics.
-LATER_KEYS = {("finetune",): "lora", ("nan_policy",): "skip", ("nan_patience",): 3}
+LATER_KEYS = {("finetune",): "lora", ("nan_policy",): "skip", ("nan_patience",): 3,
+              ("remote",): COMMON["remote"]}
 
 
 def identity(cfg: dict) -> dict:
@@ -184,6 +189,10 @@ def resolve(method: str, overrides: list[str] | None = None, preset: str | None 
 
 def validate(cfg: dict, module) -> None:
     schema.check(cfg, module.CONFIG_SECTION, module.RULES)  # every key's type and range (bench/core/schema.py)
+    r = cfg.get("remote") or {}
+    if r and r["backoff_max_s"] < r["backoff_s"]:
+        raise BenchError(f"remote.backoff_max_s = {r['backoff_max_s']:g} is below remote.backoff_s = "
+                         f"{r['backoff_s']:g}; accepted: backoff_max_s >= backoff_s")
     if not 0 <= cfg["eval"]["kl_seeds"] <= cfg["eval"]["num_seeds"]:
         raise BenchError(f"eval.kl_seeds = {cfg['eval']['kl_seeds']}; accepted: 0 (off) .. eval.num_seeds")
     module.validate(cfg)  # how the method's keys relate (each key's range is its RULES')

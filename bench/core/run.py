@@ -24,13 +24,17 @@ interrupted.  What a run survives:
   (``checkpoint.prev.pt``) with one warning line, or names the files if neither is usable;
 - non-finite rewards, losses or gradients: the update is skipped (``bench.core.context``), counted in
   ``skipped_updates``, and the run stops after ``nan_patience`` consecutive skips (manifest ``stopped``);
-- a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid.
+- a second writer: the folder's lock (``RunFolder.lock``) refuses it with one line naming the holder's pid;
+- a reward server (``--reward http://HOST:PORT``) down past ``remote.max_wait_s``, or replying badly: the last whole
+  step is checkpointed (from an in-memory copy of the run's state taken before each step: the LoRA and optimizer
+  state, or every UNet weight under ``finetune: full``) and the run stops with one line (docs/reward-server.md).
 
 The run folder's files are ``diffalign.store.RunFolder``'s; the evaluation is ``bench.core.evaluate``'s.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 import platform
@@ -63,6 +67,7 @@ from diffalign.store import PROJECT_ROOT, RESULTS_ROOT, FollowerFolder, RunFolde
 from methods import method_module
 from prompts import load_prompts
 from rewards import get_reward
+from rewards.remote import RemoteReward, RemoteRewardError, RewardUnavailable
 
 COMPANION_DIR = "baseline"  # a method's companion run (OGDM's gamma = 0 baseline) inside its run folder
 COLUMN_ORDER = ["step", "reward_mean", "reward_std", "eval_reward_mean", "eval_reward_std", "eval_reward_sem",
@@ -96,10 +101,14 @@ class Run:
         built = time.time()
         self.cfg, self.folder = cfg, folder
         self.method_module = method_module(cfg.method)
-        reward = get_reward(cfg.reward)
+        reward = get_reward(cfg.reward, cfg.get("remote"))
+        self.remote = isinstance(reward, RemoteReward)  # a reward server: its waits are logged, its faults survived
         if self.method_module.NEEDS_DIFFERENTIABLE_REWARD and not reward.differentiable:
+            served = " (a reward server gives scores, no gradients)" if self.remote else ""
             raise BenchError(f"method {cfg.method!r} backpropagates the reward, but reward {cfg.reward!r} is not "
-                             "differentiable; use a differentiable reward or a policy-gradient method")
+                             f"differentiable{served}; use a differentiable reward or a policy-gradient method")
+        if self.remote:
+            reward.connect()  # the server answers (within remote.max_wait_s) and serves scores, before anything runs
         self.evaluator = Evaluator(cfg, reward)
         train_prompts = load_prompts(cfg.train_prompts)
         if cfg.threads:
@@ -156,6 +165,13 @@ class Run:
         return self.wall_offset + (time.time() - self.t0)
 
     def checkpoint(self) -> None:
+        self.folder.write_checkpoint(self.state())
+        self.checkpointed_step = self.step
+        self.write_tables()
+        self.ctx.barrier()  # nobody goes on (or reads it) before the main process has written it
+
+    def state(self) -> dict:
+        """What a checkpoint holds: the run where it stands."""
         state = {"step": self.step, "lora": lora_state_dict(self.ctx.pipe.unet), "method": self.method.state_dict(),
                  "generator": self.ctx.generator.get_state(), "costs": self.ctx.costs.state_dict(),
                  "rows": self.rows, "wall": self.wall(), "first_eval": self.first_eval,
@@ -164,10 +180,9 @@ class Run:
                            "scaler_skips": self.ctx.scaler_skips}}
         if self.ctx.accelerator.scaler is not None:  # fp16: the gradient scaler's scale and growth tracker
             state["scaler"] = self.ctx.accelerator.scaler.state_dict()
-        self.folder.write_checkpoint(state)
-        self.checkpointed_step = self.step
-        self.write_tables()
-        self.ctx.barrier()  # nobody goes on (or reads it) before the main process has written it
+        if self.remote:
+            state["reward_stats"] = dict(self.ctx.reward.stats)
+        return state
 
     def restore(self) -> None:
         state = self.folder.read_checkpoint(CHECKPOINT_KEYS, warn=warn)
@@ -184,6 +199,8 @@ class Run:
             setattr(self.ctx, k, int(v))
         if self.ctx.accelerator.scaler is not None and "scaler" in state:
             self.ctx.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.remote and "reward_stats" in state:  # the waits, requests and retries of earlier sessions
+            self.ctx.reward.stats.update(state["reward_stats"])
 
     def write_tables(self) -> None:
         if not self.main:
@@ -209,7 +226,10 @@ class Run:
         return ev.metrics
 
     def evaluate_base(self) -> Evaluation:
-        """The step-0 evaluation (the base model), from the cache when the same evaluation was made before."""
+        """The step-0 evaluation (the base model), from the cache when the same evaluation was made before (never for
+        a reward server: its address does not say which reward answers there)."""
+        if self.remote:
+            return self.evaluator(self.ctx.pipe, 0, None, final=False, base_model_itself=True)
         key = evalcache.key(self.cfg, self.ctx.pipe.path, self.device)
         hit = evalcache.load(key)
         if hit is not None:
@@ -227,10 +247,38 @@ class Run:
                "images": c["images"], "reward_queries": c["reward_queries"], "unet_fwd": c["unet_fwd"],
                "unet_bwd": c["unet_bwd"],
                "wall_time": self.wall(), "peak_mem_mb": peak_memory_mb(self.device),
-               "skipped_updates": self.ctx.skipped_updates,
+               "skipped_updates": self.ctx.skipped_updates, **self.reward_columns(),
                **({"scaler_skips": self.ctx.scaler_skips} if self.ctx.accelerator.scaler is not None else {})}
         self.rows.append(row)
         self.trackers.log(row, self.step)
+
+    def reward_columns(self) -> dict:
+        """A reward server's cumulative cost: seconds waited on it (retries and back-off included), HTTP requests
+        made, retries (training and evaluation calls of the training reward together); none in-process."""
+        if not self.remote:
+            return {}
+        st = self.ctx.reward.stats
+        return {"reward_wait_s": float(st["wait_s"]), "reward_requests": int(st["requests"]),
+                "reward_retries": int(st["retries"])}
+
+    def stop_on_reward(self, e: RemoteRewardError, snapshot: dict | None):
+        """The reward server failed this step (down past remote.max_wait_s, or a bad reply): the last whole step is
+        checkpointed (``snapshot``, taken before this step began, unless it is the checkpoint already written) and the
+        run stops with one line; ``--resume`` redoes this step from there."""
+        if snapshot is not None and snapshot["step"] != self.checkpointed_step:
+            snapshot["reward_stats"] = dict(self.ctx.reward.stats)
+            self.rows, self.eval_samples = snapshot["rows"], snapshot["eval_samples"]
+            self.folder.write_checkpoint(snapshot)
+            self.checkpointed_step = snapshot["step"]
+            self.write_tables()
+        at = snapshot["step"] if snapshot is not None else None
+        self.folder.update_manifest(status="interrupted", interrupted={"reward": str(e), "step": at, "time": now()})
+        where = (f"checkpointed at step {at}" if at is not None and self.folder.has_checkpoint()
+                 else "no step was complete")
+        again = f"continue with 'bench run --resume {self.folder.path}'"
+        if isinstance(e, RewardUnavailable):
+            return Interrupted(f"{e}; {where}; {again} once the server answers")
+        return BenchError(f"{e}; {where}; {again} once the server replies with a score per image")
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resumed: bool = False) -> dict:
@@ -253,6 +301,13 @@ class Run:
                 signal.signal(sig, old)
 
     def _train(self, resumed: bool) -> dict:
+        self._snapshot = None  # a remote reward: the run as it stood before the current step (see stop_on_reward)
+        try:
+            return self._loop(resumed)
+        except RemoteRewardError as e:
+            raise self.stop_on_reward(e, self._snapshot) from None
+
+    def _loop(self, resumed: bool) -> dict:
         cfg = self.cfg
         self.t0 = time.time()
         # 1. the base model's evaluation (step 0), its grid and a first checkpoint
@@ -268,6 +323,8 @@ class Run:
             while self.step < cfg.steps:
                 if self.signalled:
                     self.interrupt()
+                if self.remote:  # what a failed reward call rolls back to (the LoRA and optimizer state: small)
+                    self._snapshot = copy.deepcopy(self.state())
                 self.step += 1
                 self.ctx.step = self.step
                 # 2. one optimizer update, the method's own recipe

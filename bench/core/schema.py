@@ -39,6 +39,9 @@ COMMON = {
     "eval.fd.nfe": IntList(1, 1000), "eval.fd.features": Choice(FD_FEATURES), "eval.fd.real": Text(),
     "eval.fd.real_per_prompt": Int(2, 100_000), "eval.fd.at": Choice(FD_AT),
     "eval.fd.inception_weights": Text(empty=True),
+    "remote.timeout_s": Real(0.0, 3600.0, lo_open=True), "remote.backoff_s": Real(0.0, 600.0, lo_open=True),
+    "remote.backoff_max_s": Real(0.0, 3600.0, lo_open=True), "remote.max_wait_s": Real(0.0, 7 * 86400.0),
+    "remote.encoding": Choice(("f32", "u8", "png")),
 }
 
 def check(cfg: dict, section: str, rules: dict) -> None:

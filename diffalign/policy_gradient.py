@@ -153,6 +153,15 @@ def trained_steps(num_steps: int, skip_first: int = 0, skip_last: int = 0) -> to
     return torch.arange(skip_first, num_steps - skip_last)
 
 
+def shuffled_steps(n: int, steps: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPO's inner-epoch order: a random permutation of the n samples, and for each sample its own random order of
+    the trained steps ``steps`` (n, len(steps)); a caller keeps the first n_t columns (timestep_fraction).  Drawn from
+    ``generator`` in this order (the permutation, then one per sample), so a run's curve is the same for a seed."""
+    perm = torch.randperm(n, generator=generator)
+    order = torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(n)])
+    return perm, order
+
+
 def check_stochastic_sampler(cfg: dict) -> None:
     if cfg["sampler"]["eta"] <= 0:
         raise BenchError(f"sampler.eta = {cfg['sampler']['eta']}: policy gradients need a stochastic sampler; "

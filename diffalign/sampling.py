@@ -88,6 +88,13 @@ class Trajectory:
     cond: torch.Tensor        # prompt embeddings, kept for recomputation
     uncond: torch.Tensor | None
 
+    def transition(self, idx: torch.Tensor, ti: torch.Tensor):
+        """Stored step ``ti[k]`` of sample ``idx[k]``: (x_t, x_prev, t, cond, uncond), the timesteps moved to the
+        latents' device (one per sample: diffusers moves only a 0-d timestep)."""
+        x_t, x_prev = self.latents[idx, ti], self.latents[idx, ti + 1]
+        uncond = self.uncond[idx] if self.uncond is not None else None
+        return x_t, x_prev, self.timesteps[ti].to(x_t.device), self.cond[idx], uncond
+
     @classmethod
     def cat(cls, parts: list["Trajectory"]) -> "Trajectory":
         """Batches of the same sampler (same timesteps) as one batch."""

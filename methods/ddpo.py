@@ -48,6 +48,7 @@ from diffalign.policy_gradient import (
     check_trained_steps,
     ppo_clipped_surrogate,
     reinforce_surrogate,
+    shuffled_steps,
     trained_steps,
     trained_steps_tag,
 )
@@ -168,17 +169,14 @@ class Method:
         micro = 0
         for _ in range(c.inner_epochs):
             # 4. shuffle the samples, and every sample's trained steps independently; keep the first n_t
-            perm = torch.randperm(n, generator=g)
-            order = torch.stack([steps[torch.randperm(len(steps), generator=g)] for _ in range(n)])  # per sample
+            perm, order = shuffled_steps(n, steps, g)
             for start in range(0, n, c.train_batch_size):
                 idx = ctx.local(perm[start:start + c.train_batch_size])  # this process's rows of the minibatch
                 for j in range(n_t):
                     ti = order[idx, j]
-                    x_t, x_prev = traj.latents[idx, ti], traj.latents[idx, ti + 1]
-                    t = traj.timesteps[ti].to(x_t.device)  # one per sample: diffusers moves only a 0-d timestep
-                    uncond = traj.uncond[idx] if traj.uncond is not None else None
+                    x_t, x_prev, t, cond, uncond = traj.transition(idx, ti)
                     # 5. log p_theta(stored x_{t-1} | stored x_t, c), the guided prediction recomputed
-                    eps = guided_eps(ctx.pipe.unet, x_t, t, traj.cond[idx], uncond, sampler.guidance, ctx.costs,
+                    eps = guided_eps(ctx.pipe.unet, x_t, t, cond, uncond, sampler.guidance, ctx.costs,
                                      with_grad=True)
                     lp = process.step(ctx.pipe.scheduler, eps, t, x_t, sampler.num_steps, sampler.eta, prev=x_prev,
                                    reduction=c.logprob_reduction).log_prob

@@ -86,6 +86,7 @@ from diffalign.policy_gradient import (
     check_stochastic_sampler,
     group_advantages,
     ppo_clipped_surrogate,
+    shuffled_steps,
 )
 from diffalign.process import gaussian_kl
 from diffalign.sampling import Trajectory, base_model, guided_eps, sample
@@ -287,16 +288,12 @@ class Method:
         micro = updates = 0
         for _ in range(c.inner_epochs):
             # 4. shuffle the samples, and every sample's trainable steps independently; keep the first n_t
-            perm = torch.randperm(n, generator=g)
-            order = torch.stack([steps[torch.randperm(len(steps), generator=g)] for _ in range(n)])
+            perm, order = shuffled_steps(n, steps, g)
             for start in range(0, n, c.train_batch_size):
                 idx = ctx.local(perm[start:start + c.train_batch_size])  # this process's rows of the minibatch
                 for j in range(n_t):
                     ti = order[idx, j]
-                    x_t, x_prev = traj.latents[idx, ti], traj.latents[idx, ti + 1]
-                    t = traj.timesteps[ti].to(x_t.device)  # one per sample: diffusers moves only a 0-d timestep
-                    cond = traj.cond[idx]
-                    uncond = traj.uncond[idx] if traj.uncond is not None else None
+                    x_t, x_prev, t, cond, uncond = traj.transition(idx, ti)
                     # log p_theta(stored x_{t-1} | stored x_t, c), the guided prediction recomputed
                     eps = guided_eps(ctx.pipe.unet, x_t, t, cond, uncond, sampler.guidance, ctx.costs,
                                      with_grad=True)

@@ -169,3 +169,16 @@ def test_recipe_writes_a_loadable_folder_deterministic_for_its_seed(tmp_path):
     assert out.shape == (4,) and set(out.tolist()) <= {0.0, 1.0}
     with pytest.raises(BenchError, match="lacks config.json, model.safetensors.*make geneval-judge"):
         TinyGenEval(str(tmp_path / "missing"))
+
+
+def test_agreement_tool_on_a_small_pipeline(small_pixel_pipeline_dir, tmp_path):
+    from bench.tools import geneval_agreement
+    out = geneval_agreement.measure(small_pixel_pipeline_dir, seeds=1, num_steps=2, grid=str(tmp_path / "g.png"))
+    assert out["samples"] == 96 and out["tiny_geneval_position_where_asked"]["n"] == 48
+    assert out["tiny_geneval_rule_without_position_captions"]["n"] == 48
+    for k in ("colour", "shape", "count", "all"):
+        assert 0.0 <= out["agreement"][k]["mean"] <= 1.0
+    assert out["agreement"]["all"]["mean"] <= min(out["agreement"][k]["mean"] for k in ("colour", "shape", "count"))
+    # the rule holds only where every partial does
+    assert out["tiny_geneval_rule"]["mean"] <= min(v["mean"] for v in out["tiny_geneval"].values())
+    assert len(out["disagreements"]) <= 48 and (tmp_path / "g.png").exists() == bool(out["disagreements"])

@@ -17,7 +17,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model flow-model judge base-quality flow-quality flow-bench tiny-rewards tiny-pairs clean-venv parity peers
+.PHONY: setup bench test test-quick lint base-model flow-model judge geneval-judge base-quality flow-quality flow-bench tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -128,6 +128,10 @@ flow-model: $(STAMP)
 
 judge: $(STAMP)
 	$(PY) -m bench.tinyworld.judge --out models/tiny-judge
+
+# The GenEval judge of the tiny-geneval reward (another seed and architecture than the judge, plus position).
+geneval-judge: $(STAMP)
+	$(PY) -m bench.tinyworld.geneval_judge --out models/tiny-geneval-judge --threads 1
 
 # The tiny world's reward models: tiny-clip first (tiny-aesthetic sits on it), then tiny-aesthetic, tiny-count.
 tiny-rewards: $(STAMP)

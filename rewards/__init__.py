@@ -50,6 +50,8 @@ REGISTRY = {
     "tiny-aesthetic": "rewards.tiny:TinyAesthetic",
     "tiny-count": "rewards.tiny:TinyCount",
     "tiny-rating": "rewards.tiny:TinyRating",   # the hidden rating tiny-aesthetic predicts (ground truth)
+    "tiny-geneval": "rewards.geneval:TinyGenEval",          # GenEval's 0/1 rule (straight-through gradient)
+    "tiny-geneval-soft": "rewards.geneval:TinyGenEvalSoft",  # its soft score: product of asked probabilities
 }
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"

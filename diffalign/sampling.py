@@ -185,19 +185,25 @@ def kl_to_base(pipe, prompts: list[str], x_T: torch.Tensor, num_steps: int, guid
 
 
 @contextlib.contextmanager
-def perturbed(params: list[torch.Tensor], direction: list[torch.Tensor], scale: float):
-    """The parameters moved to p + scale * u for the duration (zeroth-order estimates), then restored
-    exactly (copied back, not subtracted, so no rounding drift is left behind)."""
+def weights(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """The parameters set to ``values`` for the duration, then restored exactly (copied back, not subtracted, so no
+    rounding drift is left behind)."""
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, u in zip(params, direction):
-            p.add_(u.to(p.device, p.dtype), alpha=scale)
+        for p, v in zip(params, values):
+            p.copy_(v)
     try:
         yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+def perturbed(params: list[torch.Tensor], direction: list[torch.Tensor], scale: float):
+    """The parameters moved to p + scale * u for the duration (zeroth-order estimates), then restored exactly."""
+    return weights(params, [torch.add(p.detach(), u.to(p.device, p.dtype), alpha=scale)
+                            for p, u in zip(params, direction)])
 
 
 @torch.no_grad()

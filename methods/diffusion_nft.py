@@ -74,7 +74,6 @@ copy on every process and stay equal.  Any config whose round divides over the p
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -83,7 +82,7 @@ from diffalign import process
 from diffalign.contract import MAX_BATCH, NONNEG, POSITIVE, Choice, Int, Real, rules
 from diffalign.errors import BenchError
 from diffalign.policy_gradient import group_advantages
-from diffalign.sampling import base_model, guided_eps, sample
+from diffalign.sampling import base_model, guided_eps, sample, weights
 
 CONFIG_SECTION = "nft"
 NEEDS_DIFFERENTIABLE_REWARD = False   # the reward only sets r
@@ -215,21 +214,6 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r
 
 
 # ---- the old policy: a copy of the trainable weights ------------------------------------------------------------
-
-@contextlib.contextmanager
-def weights(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
-    """The parameters set to ``values`` for the duration, then restored exactly (copied back)."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-
 
 def old_decay(d, updates: int) -> float:
     """eta after ``updates`` optimizer updates: min(old_decay_rate x updates, old_decay_max)."""

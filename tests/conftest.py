@@ -39,6 +39,15 @@ def small_pixel_pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def flow_pipeline_dir(tmp_path_factory):
+    """A tiny random-weight flow folder: the tiny world's networks with a FlowMatchEulerDiscreteScheduler."""
+    comps = tiny_models.build_components(seed=0, objective="flow")
+    path = str(tmp_path_factory.mktemp("flow") / "tiny-random-flow")
+    tiny_models.save_pipeline(comps, path)
+    return path
+
+
 @pytest.fixture()
 def small_pixel_pipeline(small_pixel_pipeline_dir):
     return load_pipeline(small_pixel_pipeline_dir)

@@ -14,7 +14,6 @@ from conftest import ROOT, assert_resumes_to_the_same_run, method_context, metri
 
 from bench import cli
 from bench.core.config import resolve
-from bench.tinyworld import models as tiny_models
 from diffalign.lora import add_lora
 from diffalign.pipeline import load_pipeline
 from methods import diffusion_nft as nft
@@ -22,15 +21,6 @@ from rewards import get_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["nft.group_size=4", "nft.prompts_per_step=2", "sampler.num_steps=3", "nft.lr=0.01"]
-
-
-@pytest.fixture(scope="module")
-def flow_pipeline_dir(tmp_path_factory):
-    """A tiny random-weight flow folder: the tiny world's networks with a FlowMatchEulerDiscreteScheduler."""
-    comps = tiny_models.build_components(seed=0, objective="flow")
-    path = str(tmp_path_factory.mktemp("flow") / "tiny-random-flow")
-    tiny_models.save_pipeline(comps, path)
-    return path
 
 
 def _context(pipe_dir, overrides=(), reward=None):

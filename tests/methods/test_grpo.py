@@ -13,7 +13,6 @@ from conftest import assert_resumes_to_the_same_run, method_context, metrics_of,
 
 from bench import cli
 from bench.core.config import resolve
-from bench.tinyworld import models as tiny_models
 from diffalign import process
 from diffalign.errors import BenchError
 from diffalign.lora import add_lora
@@ -33,15 +32,6 @@ OWN = {"flow-grpo": ["sampler.num_steps=3", "eval.num_steps=4"],
        "flow-grpo-fast": ["sampler.num_steps=4", "eval.num_steps=4"],
        "dance-grpo": ["sampler.num_steps=4", "eval.num_steps=4"],
        "mix-grpo": ["sampler.num_steps=4", "eval.num_steps=4", "grpo.sde_window=2", "grpo.window_every=1"]}
-
-
-@pytest.fixture(scope="module")
-def flow_pipeline_dir(tmp_path_factory):
-    """A tiny random-weight flow folder: the tiny world's networks with a FlowMatchEulerDiscreteScheduler."""
-    comps = tiny_models.build_components(seed=0, objective="flow")
-    path = str(tmp_path_factory.mktemp("flow") / "tiny-random-flow")
-    tiny_models.save_pipeline(comps, path)
-    return path
 
 
 def _context(pipe_dir, method, overrides, reward=None, lora_scale=0.0):

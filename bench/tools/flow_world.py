@@ -225,7 +225,8 @@ def write_doc(methods: list[str], seeds: list[int]) -> None:
             "[the flow world](flow.md)\n\nWritten by `make flow-bench` (`bench/tools/flow_world.py`) from "
             "`results/flow-world/`: each method's committed preset, unchanged, on `models/tiny-flow` (2 threads; "
             "eval at the flow world's 10 Euler steps). Gains are in standard errors of the eval reward over 8 eval "
-            "prompts x 8 seeds, unpaired and paired.\n\n")
+            "prompts x 8 seeds, unpaired and paired. Wall times are each run's own, on the machine as it was: the "
+            "seed-1 and seed-2 flow runs of 2026-12-07 shared 2 cores with up to three other jobs.\n\n")
     body = table(methods, seeds)
     both = seeds_table(methods, seeds)
     if both:

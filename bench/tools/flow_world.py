@@ -140,7 +140,7 @@ def seeds_table(methods: list[str], seeds: list[int]) -> str:
         for w in WORLDS:
             runs = per_world[w]
             ss = [g[0] for _, g in runs]
-            kls = [float(_last(p, "kl_to_base") or "nan") for p, _ in runs]
+            kls = [(_column(p, "kl_to_base") or [float("nan")])[-1] for p, _ in runs]
             rows.append(f"| {method} ({runs[0][1][1]}) | {w} | {len(runs)} | "
                         f"{_mean_se([s['eval_reward_after'] - s['eval_reward_before'] for s in ss])} | "
                         f"{_mean_se([s['eval_reward_gain_in_se'] for s in ss])} | "

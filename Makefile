@@ -10,6 +10,7 @@ MODEL  ?=
 REWARD ?=
 STEPS  ?=
 SEED   ?=
+PRESET ?=
 ARGS   ?=
 METHODS ?=
 SEEDS  ?= 0 1 2
@@ -17,7 +18,7 @@ SWEEP  ?= results/sweeps/paper
 OUT    ?= docs/paper
 
 .PHONY: sweep paper paper-sweep credit credit-sweep regress baselines perf gpu-check leaderboard
-.PHONY: setup bench test test-quick lint base-model flow-model judge geneval-judge base-quality flow-quality flow-bench tiny-rewards tiny-pairs clean-venv parity peers
+.PHONY: setup bench test test-matrix test-quick geneval-bench lint base-model flow-model judge geneval-judge base-quality flow-quality flow-bench tiny-rewards tiny-pairs clean-venv parity peers
 
 setup: $(STAMP)
 
@@ -31,6 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import bench, diffusers, transformers, peft, accelerate, open_clip, pandas"
 	touch $(STAMP)
 
+# PRESET=geneval: bench/presets/geneval/$(METHOD).yaml (a task's presets); PRESET=path: that file.
 # PROCS=N: data parallel over N processes (torchrun; on CPU gloo, on GPUs one per process), into a named run folder.
 PROCS  ?= 1
 PORT   ?= 29511
@@ -40,10 +42,18 @@ bench: $(STAMP)
 	$(if $(MULTI),$(PY) -m torch.distributed.run --nproc_per_node $(PROCS) --master_port $(PORT),$(PY)) -m bench run \
 		--method $(METHOD) $(if $(MODEL),--model $(if $(wildcard models/$(MODEL)/model_index.json),models/$(MODEL),$(MODEL))) \
 		$(if $(REWARD),--reward $(REWARD)) $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED)) \
+		$(if $(PRESET),--preset $(if $(wildcard $(PRESET)),$(PRESET),bench/presets/$(PRESET)/$(METHOD).yaml)) \
 		$(if $(MULTI),--out results/runs/$(METHOD)-procs$(PROCS)-$(RUNSTAMP)) $(ARGS)
 
+# The suite on both cores: JOBS pytest-xdist workers of one torch thread each (JOBS=0: one process, two threads).
+JOBS   ?= 2
+XDIST  := $(if $(filter-out 0,$(JOBS)),-n $(JOBS) --dist worksteal)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) -m "not matrix" tests
+
+# The rest of the every-method matrices (names sharing a method file with the representative make test runs): CI.
+test-matrix: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m matrix tests
 
 # The quick loop: everything but the end-to-end runs through the harness (marked slow).
 test-quick: $(STAMP)
@@ -178,3 +188,8 @@ leaderboard: $(STAMP)
 		$(if $(ADDRESS),--address $(ADDRESS)) > /dev/null & sleep 5; done; \
 	$(PY) -m bench leaderboard --protocol $(PROTOCOL) --executor $(EXECUTOR) $(if $(ADDRESS),--address $(ADDRESS)); \
 	wait; $(PY) -m bench leaderboard --protocol $(PROTOCOL) --tables-only
+
+# Issue 29's methods on tiny-geneval (their bench/presets/geneval/ presets, the tiny flow world), resumable, into
+# results/geneval/; writes docs/geneval.md and the README's proxy-against-gold table.  METHODS= to pick, SEEDS=.
+geneval-bench: $(STAMP)
+	$(PY) -m bench.tools.geneval_bench $(if $(METHODS),--methods $(METHODS)) --seeds $(SEEDS)

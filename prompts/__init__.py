@@ -1,10 +1,12 @@
 """Prompt sets: the committed sets in this folder, and loaders for prompt files the user has locally.
 
 Committed sets (plain .txt files, written by the project; ``python -m bench list`` shows them):
-``tiny-train`` / ``tiny-eval`` (the tiny world's captions), ``simple-animals`` (the 45 animals of the DDPO and
-AlignProp aesthetic experiments), ``eval-simple-animals`` (AlignProp's 6 held-out animals), ``imagenet-animals``
-(ImageNet-1k classes 0-397, whole lines with synonyms: DDPO's compressibility prompts) and ``nouns-activities``
-(every "a/an <animal> <activity>" of DDPO's prompt-alignment experiment, 45 x 3).
+``tiny-train`` / ``tiny-eval`` (the tiny world's captions), ``tiny-geneval-train`` (``tiny-train`` without the
+captions that name a position: the categories of ``tiny-eval``, for the ``tiny-geneval`` presets),
+``simple-animals`` (the 45 animals of the DDPO and AlignProp aesthetic experiments), ``eval-simple-animals``
+(AlignProp's 6 held-out animals), ``imagenet-animals`` (ImageNet-1k classes 0-397, whole lines with synonyms:
+DDPO's compressibility prompts) and ``nouns-activities`` (every "a/an <animal> <activity>" of DDPO's
+prompt-alignment experiment, 45 x 3).
 
 ``load_prompts(spec)`` returns a list of prompt strings. ``spec`` is
 

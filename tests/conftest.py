@@ -53,9 +53,29 @@ def small_pixel_pipeline(small_pixel_pipeline_dir):
     return load_pipeline(small_pixel_pipeline_dir)
 
 
+# The every-method matrices (the GPU path without a GPU, mixed precision, data parallel) run one representative name
+# per method file in `make test`; the other names of a shared file (ddpo-sf beside ddpo, three of the four GRPO
+# presets) differ from it only in config, and run in CI's `make test-matrix` (marked ``matrix``).  For GRPO the
+# representative is mix-grpo: its sliding window drives the mixed SDE/ODE sampler and the window schedule, the most
+# general of the four paths.
+REPRESENTATIVE = {"ddpo": "ddpo", "ddpo-sf": "ddpo", "flow-grpo": "mix-grpo", "flow-grpo-fast": "mix-grpo",
+                  "dance-grpo": "mix-grpo", "mix-grpo": "mix-grpo"}
+
+
+def representative(name: str) -> bool:
+    """Whether ``name`` runs in `make test`'s every-method matrices (the representative of its method file)."""
+    return REPRESENTATIVE.get(name, name) == name
+
+
+def every_method(names):
+    """``names`` as pytest params: the representatives plain, the rest marked ``matrix`` (CI: make test-matrix)."""
+    return [name if representative(name) else pytest.param(name, marks=pytest.mark.matrix) for name in sorted(names)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    """Two threads on 2 cores; one each when pytest-xdist runs the suite on two workers (make test: -n 2)."""
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -56,6 +56,19 @@ class Evaluation:
     prompts: list[str]      # one per image
 
 
+def paired_gain_in_se(samples: list[dict], key: str, step: int) -> float | None:
+    """The mean per-image change of ``key`` from step 0 to ``step`` over its standard error (the same eval prompts
+    and seeds before and after); None when either evaluation lacks it (e.g. a step-0 row written before the key was
+    logged per image); 0 when nothing changed."""
+    before = [e.get(key) for e in samples if e["step"] == 0]
+    after = [e.get(key) for e in samples if e["step"] == step]
+    if len(before) != len(after) or len(before) < 2 or None in before or None in after:
+        return None
+    gain = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+    return float(gain.mean()) / se if se > 0 else 0.0
+
+
 class Evaluator:
     """Built once per run (held-out metrics, eval prompts, judge; checked before anything is written)."""
 
@@ -172,6 +185,8 @@ class Evaluator:
             fid = self.judge.fidelity(images, prompts)
             out["fidelity"] = float(fid["all"].mean())
             out.update({f"fidelity_{k}": float(v.mean()) for k, v in fid.items() if k != "all"})
+            for row, ok in zip(samples, fid["all"].tolist()):  # per image, for the paired gain of the gold metric
+                row["fidelity"] = float(ok)
         # 5. the KL to the base model along the training sampler's trajectories (eta = 1); the base model itself
         #    (step 0) is at KL 0 exactly.  Every prompt's k trajectories start from the first k eval noises and see
         #    the same step noise (KL_SEED, tiled over the prompts), in calls of at most EVAL_BATCH trajectories
@@ -210,11 +225,13 @@ class Evaluator:
         after = [e["reward"] for e in samples if e["step"] == step]
         gain = np.asarray(after) - np.asarray(before) if len(before) == len(after) > 1 else np.zeros(2)
         paired_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+        fid = paired_gain_in_se(samples, "fidelity", step)
         return {
             "eval_reward_before": first["eval_reward_mean"], "eval_reward_after": last["eval_reward_mean"],
             "eval_reward_gain_in_se": (last["eval_reward_mean"] - first["eval_reward_mean"]) / se if se > 0 else 0.0,
             "eval_reward_gain_in_paired_se": float(gain.mean()) / paired_se if paired_se > 0 else 0.0,
             "fidelity_before": first.get("fidelity"), "fidelity_after": last.get("fidelity"),
+            **({"fidelity_gain_in_paired_se": fid} if fid is not None else {}),
             "steps": step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],
             **{f"{spec}_{when}": row.get(f"eval_{spec}_mean") for spec in self.heldout
                for when, row in (("before", first), ("after", last))},

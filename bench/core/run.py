@@ -211,7 +211,9 @@ class Run:
         self.folder.write_metrics(df)
         if self.eval_samples:
             self.folder.write_eval_samples(pd.DataFrame(self.eval_samples))
-        plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}{self.model_label}")
+        proxy = self.cfg.reward if str(self.cfg.reward).startswith("tiny-geneval") else None  # gold: the judge
+        plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}{self.model_label}",
+                 proxy=proxy)
 
     # ---- one row of the metrics table -----------------------------------------------------------------
     def evaluate(self, grid: bool, final: bool = False) -> dict:

@@ -25,7 +25,11 @@ def pyplot():
     return plt
 
 
-def plot_run(df, path: str, title: str = "") -> None:
+def plot_run(df, path: str, title: str = "", proxy: str | None = None) -> None:
+    """The run's curves: the reward (train batches, eval ± SE) and, on the tiny world, the held-out judge's prompt
+    fidelity.  ``proxy``: the name of a training reward that has the fidelity as its gold counterpart (a
+    ``tiny-geneval`` reward, read by the second judge): its eval curve is drawn on the fidelity axes too, proxy
+    against gold on one scale (issue 29)."""
     plt = pyplot()
     has_fid = "fidelity" in df
     fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(9 if has_fid else 5, 3.4), squeeze=False)
@@ -46,10 +50,14 @@ def plot_run(df, path: str, title: str = "") -> None:
         for key, style in (("fidelity", "-o"), ("fidelity_colour", "--"), ("fidelity_shape", "--"),
                            ("fidelity_count", "--")):
             if key in fv:
-                ax.plot(fv["step"], fv[key], style, label=key.replace("fidelity_", "") if key != "fidelity" else "all")
+                label = key.replace("fidelity_", "") if key != "fidelity" else ("gold: all" if proxy else "all")
+                ax.plot(fv["step"], fv[key], style, label=label)
+        if proxy and len(ev):
+            ax.errorbar(ev["step"], ev["eval_reward_mean"], yerr=ev["eval_reward_sem"], color="black", marker="s",
+                        capsize=3, label=f"proxy: {proxy} (trained on)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("prompt fidelity (judge, held-out)")
+        ax.set_ylabel("prompt fidelity (judge, held-out)" if not proxy else "gold: held-out judge; proxy: trained on")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.2), frameon=False, ncol=4)
     fig.tight_layout()
     store.save_figure(fig, path, dpi=110, bbox_inches="tight")

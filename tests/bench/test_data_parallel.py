@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, VOLATILE, metrics_of
+from conftest import ROOT, VOLATILE, every_method, metrics_of
 
 from bench.core import run
 from methods import METHODS
@@ -95,10 +95,12 @@ def _sets(args):
 
 
 def _port(i: int) -> int:
-    return 29600 + (os.getpid() % 100) * 10 + i
+    """A rendezvous port of this test process: apart per xdist worker (gw0, gw1, ...) and per process id."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    return 29600 + worker * 1000 + (os.getpid() % 100) * 10 + i
 
 
-@pytest.mark.parametrize("method", _dp_methods())
+@pytest.mark.parametrize("method", every_method(_dp_methods()))
 def test_two_processes_give_the_one_process_run(method, small_pixel_pipeline_dir, tmp_path):
     args = _args(small_pixel_pipeline_dir, tmp_path, method)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

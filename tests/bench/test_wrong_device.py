@@ -16,6 +16,7 @@ from unittest import mock
 import accelerate
 import pytest
 import torch
+from conftest import every_method
 from fake_gpu import DEVICE, WrongDevice, fake_gpu
 
 from bench.core import run
@@ -37,7 +38,7 @@ def on_the_stand_in_gpu(method: str, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", every_method(METHODS))
 def test_a_step_and_its_evaluations_keep_every_tensor_on_the_model_device(method, tmp_path):
     with fake_gpu() as mode:
         r = on_the_stand_in_gpu(method, tmp_path)

@@ -30,8 +30,14 @@ def test_committed_sets_load_with_their_counts(name, count):
 
 def test_available_lists_every_committed_set():
     assert available() == ["eval-simple-animals", "imagenet-animals", "nouns-activities", "simple-animals",
-                           "tiny-eval", "tiny-train"]
+                           "tiny-eval", "tiny-geneval-train", "tiny-train"]
     assert load_prompts("simple_animals") == load_prompts("simple-animals")  # file-name spelling works too
+
+
+def test_tiny_geneval_train_is_tiny_train_without_positions_and_no_eval_prompt():
+    train, sub = load_prompts("tiny-train"), load_prompts("tiny-geneval-train")
+    assert sub == [p for p in train if " on the " not in p] and len(sub) == 40
+    assert not set(sub) & set(load_prompts("tiny-eval"))
 
 
 def test_simple_animals_and_held_out_animals():

@@ -1,0 +1,156 @@
+"""``make geneval-bench``: the methods of issue 29 on ``tiny-geneval``, proxy against gold, over seeds.
+
+Each method runs its ``tiny-geneval`` preset (``bench/presets/geneval/<method>.yaml``: the tiny flow world, the
+verifiable compositional reward read by the second judge) into ``results/geneval/<method>-seed<k>/``: a finished
+run is kept, an interrupted one resumed (``--resume``), so the bench runs in any number of sittings.  Then
+``docs/geneval.md`` and the README's table between its ``geneval`` markers are written from the store:
+
+- **proxy**: the eval ``tiny-geneval`` (GenEval's 0/1 rule as the *training* judge, ``models/tiny-geneval-judge``,
+  reads it) on the eval prompts, before -> after and its paired gain in SE;
+- **gold**: the held-out judge's prompt fidelity (``models/tiny-judge``, never trained on: another seed, another
+  architecture) on the same images, before -> after and its paired gain in SE (per image: 1 when its shape,
+  colour and count are all read right; the held-out judge has no position head, and the eval prompts name none).
+
+Paired: the same eval prompts and seeds before and after, so the SE is that of the mean per-image change.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+from bench.tools.flow_world import _column, _load, _mean_se, status
+from diffalign.store import PROJECT_ROOT, atomic_write_text
+
+ROOT = os.path.join(PROJECT_ROOT, "results", "geneval")
+PRESETS = os.path.join(PROJECT_ROOT, "bench", "presets", "geneval")
+DOC = os.path.join(PROJECT_ROOT, "docs", "geneval.md")
+README = os.path.join(PROJECT_ROOT, "README.md")
+MARKERS = ("<!-- geneval:begin (bench/tools/geneval_bench.py writes this table) -->", "<!-- geneval:end -->")
+THRESHOLD_SE = 3.0
+
+
+def methods() -> list[str]:
+    """The methods with a ``tiny-geneval`` preset, in the order the issue names them."""
+    order = ["flow-grpo", "flow-grpo-fast", "dance-grpo", "mix-grpo", "diffusion-nft", "alignprop", "ddpo-sf"]
+    have = {f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml")}
+    return [m for m in order if m in have] + sorted(have - set(order))
+
+
+def run_dir(method: str, seed: int) -> str:
+    return os.path.join(ROOT, f"{method}-seed{seed}")
+
+
+def run_one(method: str, seed: int, extra: list[str]) -> int:
+    path = run_dir(method, seed)
+    state = status(path)
+    if state == "complete":
+        print(f"geneval-bench: {method} seed {seed} complete, kept")
+        return 0
+    cmd = [sys.executable, "-m", "bench", "run"]
+    cmd += ["--resume", path] if state != "absent" else [
+        "--method", method, "--preset", os.path.join(PRESETS, f"{method}.yaml"), "--seed", str(seed), "--out", path,
+        *extra]
+    print("geneval-bench:", " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, cwd=PROJECT_ROOT)
+
+
+def _fmt(v, spec: str = "+.1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def runs_table(names: list[str], seeds: list[int]) -> str:
+    rows = ["| method | seed | proxy: tiny-geneval before -> after | proxy gain (paired SE) | "
+            "gold: held-out fidelity before -> after | gold gain (paired SE) | KL to base | wall (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in names:
+        for seed in seeds:
+            got = _load(run_dir(m, seed))
+            if got is None:
+                if seed == seeds[0]:
+                    rows.append(f"| {m} | {seed} | not run ({status(run_dir(m, seed))}) | | | | | |")
+                continue
+            s, _ = got
+            kl = (_column(run_dir(m, seed), "kl_to_base") or [None])[-1]
+            rows.append(f"| {m} | {seed} | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
+                        f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
+                        f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
+                        f"{_fmt(s.get('fidelity_gain_in_paired_se'))} | {_fmt(kl, '.3g')} | {s['wall_time_s']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def seeds_table(names: list[str], seeds: list[int]) -> str:
+    """Mean ± SE over the seeds that finished, per method: proxy and gold side by side."""
+    rows = ["| method | seeds | proxy after | proxy gain (paired SE) | gold after | gold gain (paired SE) | "
+            "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = None
+    for m in names:
+        ss = [g[0] for g in (_load(run_dir(m, s)) for s in seeds) if g is not None]
+        if not ss:
+            continue
+        base = base or ss[0]
+        rows.append(f"| {m} | {len(ss)} | {_mean_se([s['eval_reward_after'] for s in ss])} | "
+                    f"{_mean_se([s.get('eval_reward_gain_in_paired_se') for s in ss])} | "
+                    f"{_mean_se([s['fidelity_after'] for s in ss])} | "
+                    f"{_mean_se([s.get('fidelity_gain_in_paired_se') for s in ss])} | "
+                    f"{_mean_se([s['wall_time_s'] for s in ss])} |")
+    if base is None:
+        return ""
+    rows.insert(2, f"| base model | | {base['eval_reward_before']:.3f} | | {base['fidelity_before']:.3f} | | |")
+    return "\n".join(rows) + "\n"
+
+
+def write(names: list[str], seeds: list[int]) -> None:
+    over = seeds_table(names, seeds)
+    head = ("# `tiny-geneval`: GRPO, DiffusionNFT, AlignProp and DDPO-SF, proxy against gold\n\n"
+            "[README](../README.md) · [all pages](index.md) · [rewards](rewards.md#tiny-geneval) · "
+            "[GRPO](methods/grpo.md) · [DiffusionNFT](methods/diffusion_nft.md)\n\n"
+            "Written by `make geneval-bench` (`bench/tools/geneval_bench.py`) from `results/geneval/`: each method's "
+            "`tiny-geneval` preset (`bench/presets/geneval/<method>.yaml`, `make bench METHOD=<m> PRESET=geneval`) "
+            "on the tiny flow world. **Proxy**: the reward trained on, GenEval's 0/1 rule read by the second judge. "
+            "**Gold**: the held-out judge's prompt fidelity on the same eval images (8 eval prompts x the preset's "
+            "eval seeds), never trained on. Gains are paired (the same prompts and seeds before and after), in "
+            "standard errors of the mean per-image change. Wall times are each run's own, on the machine as it "
+            "was (see the closing notes of the session that ran them).\n\n")
+    body = ""
+    if over:
+        body += "## Over seeds (mean ± SE over seeds)\n\n" + over + "\n"
+    body += "## Every run\n\n" + runs_table(names, seeds)
+    atomic_write_text(DOC, head + body)
+    print(f"wrote {DOC}")
+    if over:
+        with open(README) as f:
+            text = f.read()
+        pat = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
+        if pat.search(text):
+            atomic_write_text(README, pat.sub(lambda _: MARKERS[0] + "\n" + over + MARKERS[1], text))
+            print(f"wrote the table in {README}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    have = methods()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=have, help=f"default: every method with a preset ({have})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--table", action="store_true", help="only write docs/geneval.md and the README table")
+    p.add_argument("--set", dest="extra", nargs="+", default=[], help="more overrides for every new run")
+    a = p.parse_args(argv)
+    bad = [m for m in a.methods if m not in have]
+    if bad:
+        print(f"geneval-bench: no tiny-geneval preset for {', '.join(bad)}; accepted: {', '.join(have)}",
+              file=sys.stderr)
+        return 2
+    failed = []
+    if not a.table:
+        extra = [x for kv in a.extra for x in ("--set", kv)]
+        failed = [f"{m} seed {s}" for s in a.seeds for m in a.methods if run_one(m, s, extra) != 0]
+    write(have, sorted({0, 1, 2, *a.seeds}))
+    if failed:
+        print(f"geneval-bench: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 from bench.tools.flow_world import _column, _load, _mean_se, status
 from diffalign.store import PROJECT_ROOT, atomic_write_text
 
@@ -63,22 +65,49 @@ def _fmt(v, spec: str = "+.1f") -> str:
 
 def runs_table(names: list[str], seeds: list[int]) -> str:
     rows = ["| method | seed | proxy: tiny-geneval before -> after | proxy gain (paired SE) | "
-            "gold: held-out fidelity before -> after | gold gain (paired SE) | KL to base | wall (s) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "gold: held-out fidelity before -> after | gold gain (paired SE) | train batches' reward (first half -> "
+            "second half) | zero-spread groups | KL to base | wall (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in names:
         for seed in seeds:
             got = _load(run_dir(m, seed))
             if got is None:
                 if seed == seeds[0]:
-                    rows.append(f"| {m} | {seed} | not run ({status(run_dir(m, seed))}) | | | | | |")
+                    rows.append(f"| {m} | {seed} | not run ({status(run_dir(m, seed))}) | | | | | | | |")
                 continue
             s, _ = got
             kl = (_column(run_dir(m, seed), "kl_to_base") or [None])[-1]
+            batch = _column(run_dir(m, seed), "reward_mean")
+            half = len(batch) // 2
+            trend = f"{np.mean(batch[:half]):.3f} -> {np.mean(batch[half:]):.3f}" if half else ""
+            zero = _column(run_dir(m, seed), "zero_spread_frac")
             rows.append(f"| {m} | {seed} | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
                         f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
                         f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
-                        f"{_fmt(s.get('fidelity_gain_in_paired_se'))} | {_fmt(kl, '.3g')} | {s['wall_time_s']:.0f} |")
+                        f"{_fmt(s.get('fidelity_gain_in_paired_se'))} | {trend} | "
+                        f"{_fmt(np.mean(zero) if zero else None, '.2f')} | {_fmt(kl, '.3g')} | "
+                        f"{s['wall_time_s']:.0f} |")
     return "\n".join(rows) + "\n"
+
+
+def trials_table() -> str:
+    """The trial runs kept under ``results/geneval/trials/`` (settings tried before the presets): one row each."""
+    folder = os.path.join(ROOT, "trials")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    rows = ["| trial | variant | proxy before -> after | proxy (paired SE) | gold before -> after | gold (paired SE) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        got = _load(os.path.join(folder, name))
+        if got is None:
+            continue
+        s, _ = got
+        with open(os.path.join(folder, name, "config.yaml")) as f:
+            variant = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("variant:")), "?")
+        rows.append(f"| {name} | `{variant}` | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
+                    f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
+                    f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
+                    f"{_fmt(s.get('fidelity_gain_in_paired_se'))} |")
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 
 
 def seeds_table(names: list[str], seeds: list[int]) -> str:
@@ -102,6 +131,28 @@ def seeds_table(names: list[str], seeds: list[int]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def ceiling(names: list[str], seeds: list[int]) -> str:
+    """The largest paired gold gain the eval set allows: every image the base model fails fixed, none broken."""
+    import pandas as pd  # lazy: only the tables need it
+
+    for m in names:
+        for seed in seeds:
+            path = os.path.join(run_dir(m, seed), "eval_samples.parquet")
+            if not os.path.isfile(path):
+                continue
+            base = pd.read_parquet(path)
+            gold = base.loc[base["step"] == 0, "fidelity"].dropna().to_numpy(dtype=float) if "fidelity" in base else []
+            if len(gold) < 2:
+                continue
+            gain = 1.0 - gold  # the per-image change when every failure is fixed and nothing else moves
+            se = gain.std(ddof=1) / np.sqrt(len(gain))
+            best = gain.mean() / se if se > 0 else float("inf")
+            return (f"The base model fails the held-out judge on {int(gain.sum())} of {len(gain)} eval images "
+                    f"(gold {gold.mean():.3f}); fixing every one and breaking none would be a paired gold gain of "
+                    f"+{best:.1f} SE, so a 3-SE gain needs most of them fixed with few new failures.\n")
+    return ""
+
+
 def write(names: list[str], seeds: list[int]) -> None:
     over = seeds_table(names, seeds)
     head = ("# `tiny-geneval`: GRPO, DiffusionNFT, AlignProp and DDPO-SF, proxy against gold\n\n"
@@ -116,8 +167,12 @@ def write(names: list[str], seeds: list[int]) -> None:
             "was (see the closing notes of the session that ran them).\n\n")
     body = ""
     if over:
-        body += "## Over seeds (mean ± SE over seeds)\n\n" + over + "\n"
+        body += "## Over seeds (mean ± SE over seeds)\n\n" + over + "\n" + ceiling(names, seeds) + "\n"
     body += "## Every run\n\n" + runs_table(names, seeds)
+    trials = trials_table()
+    if trials:
+        body += ("\n## Trials before the presets\n\nOne seed each, 16 steps, the settings in the variant string, "
+                 "kept in `results/geneval/trials/`.\n\n" + trials)
     atomic_write_text(DOC, head + body)
     print(f"wrote {DOC}")
     if over:

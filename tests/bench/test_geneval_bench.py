@@ -51,7 +51,9 @@ def plant(root, method, seed, proxy, gold, proxy_se, gold_se, wall=100.0):
         json.dump(summary, f)
     with open(os.path.join(path, "config.yaml"), "w") as f:
         f.write("method: m\nreward: tiny-geneval\n")
-    pd.DataFrame([{"step": 0, "kl_to_base": 0.0}, {"step": 16, "kl_to_base": 42.0}]).to_parquet(
+    pd.DataFrame([{"step": 0, "kl_to_base": 0.0}, {"step": 1, "reward_mean": 0.5, "zero_spread_frac": 0.5},
+                  {"step": 2, "reward_mean": 0.7, "zero_spread_frac": 1.0}, {"step": 3, "reward_mean": 0.9},
+                  {"step": 16, "kl_to_base": 42.0, "reward_mean": 1.0}]).to_parquet(
         os.path.join(path, "metrics.parquet"))
 
 
@@ -64,6 +66,11 @@ def test_tables_and_the_readme_block_from_planted_runs(tmp_path, monkeypatch):
     for seed, (g, s) in enumerate([(0.90, 1.0), (0.92, 2.0), (0.94, 3.0)]):
         plant(root, "flow-grpo", seed, (0.89, g + 0.01), (0.90, g), s + 1.0, s)
     plant(root, "alignprop", 0, (0.89, 0.95), (0.90, 0.80), 4.0, -3.0)
+    plant(root / "trials", "t", 0, (0.89, 0.88), (0.90, 0.86), -1.5, -1.9)
+    with open(root / "trials" / "t-seed0" / "config.yaml", "a") as f:
+        f.write("variant: flow-grpo/lr-trial\n")
+    fid = [1.0] * 6 + [0.0] * 2  # the base fails 2 of 8: fixing both is +0.25 per image
+    pd.DataFrame({"step": [0] * 8, "fidelity": fid}).to_parquet(root / "alignprop-seed0" / "eval_samples.parquet")
     gb.write(["flow-grpo", "alignprop", "mix-grpo"], [0, 1, 2])
     text = doc.read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| flow-grpo | 3 |"))
@@ -71,8 +78,13 @@ def test_tables_and_the_readme_block_from_planted_runs(tmp_path, monkeypatch):
     assert row == "| flow-grpo | 3 | 0.930 ± 0.012 | 3.000 ± 0.577 | 0.920 ± 0.012 | 2.000 ± 0.577 | 100 ± 0 |"
     assert "| alignprop | 1 | 0.950 | 4.000 | 0.800 | -3.000 | 100 |" in text
     assert "| base model | | 0.890 | | 0.900 | | |" in text
-    assert "| mix-grpo | 0 | not run (absent) |" in text  # the every-run table names what is missing
-    assert "| alignprop | 0 | 0.890 -> 0.950 | +4.0 | 0.900 -> 0.800 | -3.0 | 42 | 100 |" in text
+    assert "| mix-grpo | 0 | not run (absent) | | | | | | | |" in text  # the every-run table names what is missing
+    # the batch reward's first half (0.5, 0.7) -> second half (0.9, 1.0); zero-spread over the rounds logging it
+    assert "| alignprop | 0 | 0.890 -> 0.950 | +4.0 | 0.900 -> 0.800 | -3.0 | 0.600 -> 0.950 | 0.75 | 42 | 100 |" \
+        in text
+    assert "| t-seed0 | `flow-grpo/lr-trial` | 0.890 -> 0.880 | -1.5 | 0.900 -> 0.860 | -1.9 |" in text
+    best = 0.25 / (np.std([0.0] * 6 + [1.0] * 2, ddof=1) / np.sqrt(8))
+    assert "fails the held-out judge on 2 of 8 eval images (gold 0.750)" in text and f"+{best:.1f} SE" in text
     r = readme.read_text()
     assert "\nold\n" not in r and r.endswith("after\n") and "| flow-grpo | 3 |" in r
     assert r.count(gb.MARKERS[0]) == 1 and r.count(gb.MARKERS[1]) == 1

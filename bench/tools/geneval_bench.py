@@ -113,7 +113,7 @@ def trials_table() -> str:
 def seeds_table(names: list[str], seeds: list[int]) -> str:
     """Mean ± SE over the seeds that finished, per method: proxy and gold side by side."""
     rows = ["| method | seeds | proxy after | proxy gain (paired SE) | gold after | gold gain (paired SE) | "
-            "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            f"seeds with gold > {THRESHOLD_SE:g} SE | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = None
     for m in names:
         ss = [g[0] for g in (_load(run_dir(m, s)) for s in seeds) if g is not None]
@@ -124,10 +124,11 @@ def seeds_table(names: list[str], seeds: list[int]) -> str:
                     f"{_mean_se([s.get('eval_reward_gain_in_paired_se') for s in ss])} | "
                     f"{_mean_se([s['fidelity_after'] for s in ss])} | "
                     f"{_mean_se([s.get('fidelity_gain_in_paired_se') for s in ss])} | "
+                    f"{sum((s.get('fidelity_gain_in_paired_se') or 0) > THRESHOLD_SE for s in ss)} of {len(ss)} | "
                     f"{_mean_se([s['wall_time_s'] for s in ss])} |")
     if base is None:
         return ""
-    rows.insert(2, f"| base model | | {base['eval_reward_before']:.3f} | | {base['fidelity_before']:.3f} | | |")
+    rows.insert(2, f"| base model | | {base['eval_reward_before']:.3f} | | {base['fidelity_before']:.3f} | | | |")
     return "\n".join(rows) + "\n"
 
 

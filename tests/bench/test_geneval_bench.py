@@ -63,21 +63,24 @@ def test_tables_and_the_readme_block_from_planted_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(gb, "DOC", str(doc))
     monkeypatch.setattr(gb, "README", str(readme))
     readme.write_text(f"# x\n\n{gb.MARKERS[0]}\nold\n{gb.MARKERS[1]}\n\nafter\n")
-    for seed, (g, s) in enumerate([(0.90, 1.0), (0.92, 2.0), (0.94, 3.0)]):
+    for seed, (g, s) in enumerate([(0.90, 1.0), (0.92, 2.0), (0.94, 3.0)]):  # gold gains 1, 2, 3 paired SE
         plant(root, "flow-grpo", seed, (0.89, g + 0.01), (0.90, g), s + 1.0, s)
     plant(root, "alignprop", 0, (0.89, 0.95), (0.90, 0.80), 4.0, -3.0)
+    plant(root, "dance-grpo", 0, (0.89, 0.99), (0.90, 0.99), 5.0, 3.5)
     plant(root / "trials", "t", 0, (0.89, 0.88), (0.90, 0.86), -1.5, -1.9)
     with open(root / "trials" / "t-seed0" / "config.yaml", "a") as f:
         f.write("variant: flow-grpo/lr-trial\n")
     fid = [1.0] * 6 + [0.0] * 2  # the base fails 2 of 8: fixing both is +0.25 per image
     pd.DataFrame({"step": [0] * 8, "fidelity": fid}).to_parquet(root / "alignprop-seed0" / "eval_samples.parquet")
-    gb.write(["flow-grpo", "alignprop", "mix-grpo"], [0, 1, 2])
+    gb.write(["flow-grpo", "alignprop", "dance-grpo", "mix-grpo"], [0, 1, 2])
     text = doc.read_text()
     row = next(ln for ln in text.splitlines() if ln.startswith("| flow-grpo | 3 |"))
     # mean ± SE over seeds: gold after 0.92 ± 0.0115, gold gain 2.0 ± 0.577, proxy gain 3.0 ± 0.577
-    assert row == "| flow-grpo | 3 | 0.930 ± 0.012 | 3.000 ± 0.577 | 0.920 ± 0.012 | 2.000 ± 0.577 | 100 ± 0 |"
-    assert "| alignprop | 1 | 0.950 | 4.000 | 0.800 | -3.000 | 100 |" in text
-    assert "| base model | | 0.890 | | 0.900 | | |" in text
+    assert row == ("| flow-grpo | 3 | 0.930 ± 0.012 | 3.000 ± 0.577 | 0.920 ± 0.012 | 2.000 ± 0.577 | 0 of 3 | "
+                   "100 ± 0 |")  # gold gains 1, 2, 3 SE: none more than 3
+    assert "| alignprop | 1 | 0.950 | 4.000 | 0.800 | -3.000 | 0 of 1 | 100 |" in text
+    assert "| base model | | 0.890 | | 0.900 | | | |" in text
+    assert "| dance-grpo | 1 | 0.990 | 5.000 | 0.990 | 3.500 | 1 of 1 | 100 |" in text
     assert "| mix-grpo | 0 | not run (absent) | | | | | | | |" in text  # the every-run table names what is missing
     # the batch reward's first half (0.5, 0.7) -> second half (0.9, 1.0); zero-spread over the rounds logging it
     assert "| alignprop | 0 | 0.890 -> 0.950 | +4.0 | 0.900 -> 0.800 | -3.0 | 0.600 -> 0.950 | 0.75 | 42 | 100 |" \

@@ -90,12 +90,13 @@ def runs_table(names: list[str], seeds: list[int]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def trials_table() -> str:
-    """The trial runs kept under ``results/geneval/trials/`` (settings tried before the presets): one row each."""
-    folder = os.path.join(ROOT, "trials")
+def trials_table(sub: str = "trials") -> str:
+    """The runs kept under ``results/geneval/<sub>/``, one row each: ``trials`` (settings tried before the presets),
+    ``alone`` (a preset's ``make bench`` timed alone on the machine)."""
+    folder = os.path.join(ROOT, sub)
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    rows = ["| trial | variant | proxy before -> after | proxy (paired SE) | gold before -> after | gold (paired SE) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| run | variant | proxy before -> after | proxy (paired SE) | gold before -> after | gold (paired SE) | "
+            "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         got = _load(os.path.join(folder, name))
         if got is None:
@@ -106,7 +107,7 @@ def trials_table() -> str:
         rows.append(f"| {name} | `{variant}` | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
                     f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
                     f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
-                    f"{_fmt(s.get('fidelity_gain_in_paired_se'))} |")
+                    f"{_fmt(s.get('fidelity_gain_in_paired_se'))} | {s['wall_time_s']:.0f} |")
     return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 
 
@@ -170,10 +171,19 @@ def write(names: list[str], seeds: list[int]) -> None:
     if over:
         body += "## Over seeds (mean ± SE over seeds)\n\n" + over + "\n" + ceiling(names, seeds) + "\n"
     body += "## Every run\n\n" + runs_table(names, seeds)
+    alone = trials_table("alone")
+    if alone:
+        body += ("\n## Alone on the machine\n\n`make bench METHOD=<m> PRESET=geneval ARGS=\"--out ...\"` with nothing "
+                 "else running (2 torch threads, seed 0; the step-0 evaluation computed, not cached), kept in "
+                 "`results/geneval/alone/`. The runs above shared the 2 cores two at a time, 1 thread each.\n\n"
+                 + alone)
     trials = trials_table()
     if trials:
-        body += ("\n## Trials before the presets\n\nOne seed each, 16 steps, the settings in the variant string, "
-                 "kept in `results/geneval/trials/`.\n\n" + trials)
+        body += ("\n## Trials before the presets\n\nOne seed each, 16 steps, the settings in the variant string "
+                 "(32 eval seeds, evaluated at steps 0, 8 and 16), kept in `results/geneval/trials/`; they ran beside "
+                 "the test suite and each other, so their wall times are of a loaded machine. A setting equal to a "
+                 "preset's gives that preset's seed-0 numbers: the evaluation at step 8 draws from its own "
+                 "generators.\n\n" + trials)
     atomic_write_text(DOC, head + body)
     print(f"wrote {DOC}")
     if over:

@@ -85,7 +85,7 @@ def test_tables_and_the_readme_block_from_planted_runs(tmp_path, monkeypatch):
     # the batch reward's first half (0.5, 0.7) -> second half (0.9, 1.0); zero-spread over the rounds logging it
     assert "| alignprop | 0 | 0.890 -> 0.950 | +4.0 | 0.900 -> 0.800 | -3.0 | 0.600 -> 0.950 | 0.75 | 42 | 100 |" \
         in text
-    assert "| t-seed0 | `flow-grpo/lr-trial` | 0.890 -> 0.880 | -1.5 | 0.900 -> 0.860 | -1.9 |" in text
+    assert "| t-seed0 | `flow-grpo/lr-trial` | 0.890 -> 0.880 | -1.5 | 0.900 -> 0.860 | -1.9 | 100 |" in text
     best = 0.25 / (np.std([0.0] * 6 + [1.0] * 2, ddof=1) / np.sqrt(8))
     assert "fails the held-out judge on 2 of 8 eval images (gold 0.750)" in text and f"+{best:.1f} SE" in text
     r = readme.read_text()

@@ -158,7 +158,8 @@ def test_resuming_a_finished_run_says_already_complete_and_prints_its_summary(qu
 
 # ---- d, e, g, h: one error line each ------------------------------------------------------------------------------
 
-SETS = "eval-simple-animals, imagenet-animals, nouns-activities, simple-animals, tiny-eval, tiny-geneval-train, tiny-train"
+SETS = ("eval-simple-animals, imagenet-animals, nouns-activities, simple-animals, tiny-eval, tiny-geneval-train, "
+        "tiny-train")
 
 
 def test_a_missing_prompt_file_is_named_as_a_file(capsys, tmp_path):

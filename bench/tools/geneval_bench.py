@@ -95,8 +95,8 @@ def trials_table(sub: str = "trials") -> str:
     ``alone`` (a preset's ``make bench`` timed alone on the machine)."""
     folder = os.path.join(ROOT, sub)
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    rows = ["| run | variant | proxy before -> after | proxy (paired SE) | gold before -> after | gold (paired SE) | "
-            "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| run | variant | steps | proxy before -> after | proxy (paired SE) | gold before -> after | "
+            "gold (paired SE) | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         got = _load(os.path.join(folder, name))
         if got is None:
@@ -104,7 +104,8 @@ def trials_table(sub: str = "trials") -> str:
         s, _ = got
         with open(os.path.join(folder, name, "config.yaml")) as f:
             variant = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("variant:")), "?")
-        rows.append(f"| {name} | `{variant}` | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
+        rows.append(f"| {name} | `{variant}` | {s.get('steps', '')} | "
+                    f"{s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
                     f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
                     f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
                     f"{_fmt(s.get('fidelity_gain_in_paired_se'))} | {s['wall_time_s']:.0f} |")
@@ -179,11 +180,12 @@ def write(names: list[str], seeds: list[int]) -> None:
                  + alone)
     trials = trials_table()
     if trials:
-        body += ("\n## Trials before the presets\n\nOne seed each, 16 steps, the settings in the variant string "
-                 "(32 eval seeds, evaluated at steps 0, 8 and 16), kept in `results/geneval/trials/`; they ran beside "
-                 "the test suite and each other, so their wall times are of a loaded machine. A setting equal to a "
-                 "preset's gives that preset's seed-0 numbers: the evaluation at step 8 draws from its own "
-                 "generators.\n\n" + trials)
+        body += ("\n## Trials\n\nSeed 0 each, the settings in the variant string (32 eval seeds, evaluated every 8 "
+                 "or 16 steps; the curve in each run's `reward_curve.png`), kept in `results/geneval/trials/`. The two "
+                 "16-step trials ran before the presets, beside the test suite and each other, so their wall times "
+                 "are of a loaded machine; a setting equal to a preset's gives that preset's seed-0 numbers (the "
+                 "extra evaluations draw from their own generators). `flow-grpo-preset-48-steps` is the flow-grpo "
+                 "preset at three times its budget, alone on the machine.\n\n" + trials)
     atomic_write_text(DOC, head + body)
     print(f"wrote {DOC}")
     if over:

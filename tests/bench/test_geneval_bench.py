@@ -46,7 +46,7 @@ def plant(root, method, seed, proxy, gold, proxy_se, gold_se, wall=100.0):
     os.makedirs(path)
     summary = {"eval_reward_before": proxy[0], "eval_reward_after": proxy[1], "eval_reward_gain_in_se": 0.0,
                "eval_reward_gain_in_paired_se": proxy_se, "fidelity_before": gold[0], "fidelity_after": gold[1],
-               "fidelity_gain_in_paired_se": gold_se, "wall_time_s": wall}
+               "fidelity_gain_in_paired_se": gold_se, "wall_time_s": wall, "steps": 16}
     with open(os.path.join(path, "summary.json"), "w") as f:
         json.dump(summary, f)
     with open(os.path.join(path, "config.yaml"), "w") as f:
@@ -85,7 +85,7 @@ def test_tables_and_the_readme_block_from_planted_runs(tmp_path, monkeypatch):
     # the batch reward's first half (0.5, 0.7) -> second half (0.9, 1.0); zero-spread over the rounds logging it
     assert "| alignprop | 0 | 0.890 -> 0.950 | +4.0 | 0.900 -> 0.800 | -3.0 | 0.600 -> 0.950 | 0.75 | 42 | 100 |" \
         in text
-    assert "| t-seed0 | `flow-grpo/lr-trial` | 0.890 -> 0.880 | -1.5 | 0.900 -> 0.860 | -1.9 | 100 |" in text
+    assert "| t-seed0 | `flow-grpo/lr-trial` | 16 | 0.890 -> 0.880 | -1.5 | 0.900 -> 0.860 | -1.9 | 100 |" in text
     best = 0.25 / (np.std([0.0] * 6 + [1.0] * 2, ddof=1) / np.sqrt(8))
     assert "fails the held-out judge on 2 of 8 eval images (gold 0.750)" in text and f"+{best:.1f} SE" in text
     r = readme.read_text()

@@ -221,15 +221,11 @@ class Evaluator:
         """Before -> after: ``first`` the step-0 evaluation, ``last`` the final metrics row."""
         se = math.hypot(first["eval_reward_sem"], last["eval_reward_sem"])
         # the same eval prompts and seeds before and after: the paired SE is the SE of the mean per-image gain
-        before = [e["reward"] for e in samples if e["step"] == 0]
-        after = [e["reward"] for e in samples if e["step"] == step]
-        gain = np.asarray(after) - np.asarray(before) if len(before) == len(after) > 1 else np.zeros(2)
-        paired_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
         fid = paired_gain_in_se(samples, "fidelity", step)
         return {
             "eval_reward_before": first["eval_reward_mean"], "eval_reward_after": last["eval_reward_mean"],
             "eval_reward_gain_in_se": (last["eval_reward_mean"] - first["eval_reward_mean"]) / se if se > 0 else 0.0,
-            "eval_reward_gain_in_paired_se": float(gain.mean()) / paired_se if paired_se > 0 else 0.0,
+            "eval_reward_gain_in_paired_se": paired_gain_in_se(samples, "reward", step) or 0.0,
             "fidelity_before": first.get("fidelity"), "fidelity_after": last.get("fidelity"),
             **({"fidelity_gain_in_paired_se": fid} if fid is not None else {}),
             "steps": step, "wall_time_s": last["wall_time"], "peak_mem_mb": last["peak_mem_mb"],

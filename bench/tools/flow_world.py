@@ -48,18 +48,23 @@ def status(path: str) -> str:
         return "absent"
 
 
-def run_one(method: str, seed: int, extra: list[str], world: str = "flow") -> int:
-    path = run_dir(method, seed, world)
+def run_or_resume(path: str, fresh: list[str], label: str, what: str) -> int:
+    """``bench run`` into ``path``: kept when complete, resumed when started, else run with ``fresh`` (the
+    arguments after ``bench run`` but ``--out``); ``label`` prefixes the lines printed, ``what`` names the run."""
     state = status(path)
     if state == "complete":
-        print(f"flow-bench: {method} seed {seed} ({world}) complete, kept")
+        print(f"{label}: {what} complete, kept")
         return 0
-    model = ["--model", MODEL] if world == "flow" else []
     cmd = [sys.executable, "-m", "bench", "run"]
-    cmd += ["--resume", path] if state not in ("absent",) else [
-        "--method", method, *model, "--seed", str(seed), "--out", path, *extra]
-    print("flow-bench:", " ".join(cmd[1:]), flush=True)
+    cmd += ["--resume", path] if state != "absent" else [*fresh, "--out", path]
+    print(f"{label}:", " ".join(cmd[1:]), flush=True)
     return subprocess.call(cmd, cwd=PROJECT_ROOT)
+
+
+def run_one(method: str, seed: int, extra: list[str], world: str = "flow") -> int:
+    model = ["--model", MODEL] if world == "flow" else []
+    return run_or_resume(run_dir(method, seed, world), ["--method", method, *model, "--seed", str(seed), *extra],
+                         "flow-bench", f"{method} seed {seed} ({world})")
 
 
 def _load(path: str) -> tuple[dict, str] | None:
@@ -83,9 +88,13 @@ def _metrics(path: str):
         return None
 
 
-def _column(path: str, column: str) -> list[float]:
-    df = _metrics(path)
+def _values(df, column: str) -> list[float]:
+    """A metrics table's logged values of ``column`` (none when the table or the column is missing)."""
     return [float(v) for v in df[column].dropna()] if df is not None and column in df else []
+
+
+def _column(path: str, column: str) -> list[float]:
+    return _values(_metrics(path), column)
 
 
 def _last(path: str, column: str) -> str:

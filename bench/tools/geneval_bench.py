@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 
-from bench.tools.flow_world import _column, _load, _mean_se, status
+from bench.tools.flow_world import _load, _mean_se, _metrics, _values, run_or_resume, status
 from diffalign.store import PROJECT_ROOT, atomic_write_text
 
 ROOT = os.path.join(PROJECT_ROOT, "results", "geneval")
@@ -46,17 +45,8 @@ def run_dir(method: str, seed: int) -> str:
 
 
 def run_one(method: str, seed: int, extra: list[str]) -> int:
-    path = run_dir(method, seed)
-    state = status(path)
-    if state == "complete":
-        print(f"geneval-bench: {method} seed {seed} complete, kept")
-        return 0
-    cmd = [sys.executable, "-m", "bench", "run"]
-    cmd += ["--resume", path] if state != "absent" else [
-        "--method", method, "--preset", os.path.join(PRESETS, f"{method}.yaml"), "--seed", str(seed), "--out", path,
-        *extra]
-    print("geneval-bench:", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, cwd=PROJECT_ROOT)
+    fresh = ["--method", method, "--preset", os.path.join(PRESETS, f"{method}.yaml"), "--seed", str(seed), *extra]
+    return run_or_resume(run_dir(method, seed), fresh, "geneval-bench", f"{method} seed {seed}")
 
 
 def _fmt(v, spec: str = "+.1f") -> str:
@@ -76,11 +66,12 @@ def runs_table(names: list[str], seeds: list[int]) -> str:
                     rows.append(f"| {m} | {seed} | not run ({status(run_dir(m, seed))}) | | | | | | | |")
                 continue
             s, _ = got
-            kl = (_column(run_dir(m, seed), "kl_to_base") or [None])[-1]
-            batch = _column(run_dir(m, seed), "reward_mean")
+            df = _metrics(run_dir(m, seed))  # read once: the KL, the batches' reward and the zero-spread fraction
+            kl = (_values(df, "kl_to_base") or [None])[-1]
+            batch = _values(df, "reward_mean")
             half = len(batch) // 2
             trend = f"{np.mean(batch[:half]):.3f} -> {np.mean(batch[half:]):.3f}" if half else ""
-            zero = _column(run_dir(m, seed), "zero_spread_frac")
+            zero = _values(df, "zero_spread_frac")
             rows.append(f"| {m} | {seed} | {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} | "
                         f"{_fmt(s.get('eval_reward_gain_in_paired_se'))} | "
                         f"{s['fidelity_before']:.3f} -> {s['fidelity_after']:.3f} | "
@@ -152,7 +143,7 @@ def ceiling(names: list[str], seeds: list[int]) -> str:
             best = gain.mean() / se if se > 0 else float("inf")
             return (f"The base model fails the held-out judge on {int(gain.sum())} of {len(gain)} eval images "
                     f"(gold {gold.mean():.3f}); fixing every one and breaking none would be a paired gold gain of "
-                    f"+{best:.1f} SE, so a 3-SE gain needs most of them fixed with few new failures.\n")
+                    f"+{best:.1f} SE, so a {THRESHOLD_SE:g}-SE gain needs most of them fixed with few new failures.\n")
     return ""
 
 

@@ -127,11 +127,13 @@ class Flag:
 class IntList:
     lo: int = 1
     hi: int = 1000
+    empty: bool = False
 
     def error(self, v) -> str | None:
-        ok = (isinstance(v, list) and v and len(set(v)) == len(v)
+        ok = (isinstance(v, list) and (v or self.empty) and len(set(v)) == len(v)
               and all(isinstance(x, int) and not isinstance(x, bool) and self.lo <= x <= self.hi for x in v))
-        return None if ok else f"a non-empty list of distinct integers in {self.lo}..{self.hi}"
+        kind = "list" if self.empty else "non-empty list"
+        return None if ok else f"a {kind} of distinct integers in {self.lo}..{self.hi}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,10 @@ COMMON: dict = {
     "nan_patience": 3,               # skip: stop after this many consecutive skipped updates
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian", "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
     "sampler": {"num_steps": 10, "guidance": 3.0, "eta": 0.0},  # the training sampler
-    "eval": {"every": 10, "num_seeds": 8, "num_steps": 10, "guidance": 3.0, "grid_every": 10,
+    # evaluate every `every` steps, at the steps listed in `at` (a budget curve's points) and at the end
+    # (the eval noise: seeds first_seed .. first_seed + num_seeds - 1)
+    "eval": {"every": 10, "at": [], "first_seed": 0, "num_seeds": 8, "num_steps": 10, "guidance": 3.0,
+             "grid_every": 10,
              "kl_seeds": 2,                # seeds of the KL-to-base estimate (0 = off); training sampler, eta 1
              "metrics": ["tiny-rating", "tiny-clip"],  # held-out rewards scored on the eval images, never trained on
              # (and "fd": the Frechet distance against NFE, bench/core/fd.py, with these settings)
@@ -57,7 +60,7 @@ COMMON: dict = {
 # the key existed (the code behaved so), so a run's identity (``identity``, the sweep hash) leaves them out and the
 # committed runs keep their identity.  ``eval.fd`` only matters when "fd" is in eval.metrics.
 LATER_KEYS = {("finetune",): "lora", ("nan_policy",): "skip", ("nan_patience",): 3,
-              ("remote",): COMMON["remote"]}
+              ("remote",): COMMON["remote"], ("eval", "at"): [], ("eval", "first_seed"): 0}
 
 
 def identity(cfg: dict) -> dict:

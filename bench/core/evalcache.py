@@ -48,7 +48,7 @@ CODE = ["bench/core/evaluate.py", "bench/core/fd.py", "bench/tinyworld/judge.py"
         "diffalign/pipeline.py", "diffalign/world.py", "diffalign/frechet.py",
         "diffalign/images.py", "diffalign/realdata.py", "diffalign/lora.py", "prompts/__init__.py"]
 CODE_DIRS = ["rewards", "prompts"]
-SCHEDULE = ("every", "grid_every")  # when a run evaluates: not part of what its step-0 evaluation computes
+SCHEDULE = ("every", "grid_every", "at")  # when a run evaluates: not part of what its step-0 evaluation computes
 
 
 def enabled() -> bool:

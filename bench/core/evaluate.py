@@ -1,8 +1,9 @@
 """The evaluation protocol, the same for every method, so curves are comparable across methods.
 
-At step 0, every ``eval.every`` steps and at the end, the current model samples the held-out eval prompts with
-the fixed seeds ``0..eval.num_seeds-1`` and the deterministic sampler (DDIM, eta = 0, ``eval.num_steps``,
-``eval.guidance``), whatever the method trains with.  On those images it scores
+At step 0, every ``eval.every`` steps, at the steps of ``eval.at`` and at the end, the current model samples the
+held-out eval prompts with the fixed seeds ``eval.first_seed .. eval.first_seed + eval.num_seeds - 1`` (0 ..
+num_seeds - 1 by default; a protocol's tuning runs evaluate on seeds of their own) and the deterministic sampler
+(DDIM, eta = 0, ``eval.num_steps``, ``eval.guidance``), whatever the method trains with.  On those images it scores
 
 - the training reward (mean, std, standard error; a weighted sum's terms each on their own), and its win rate
   against the base model: the fraction of eval images (prompt x seed) scored above the base model's image of the
@@ -155,8 +156,11 @@ class Evaluator:
         ``final``: the run's last evaluation (the Frechet distances are computed at the first and the last);
         ``base_model_itself``: the model is the base model (step 0), so its KL to the base model is 0."""
         ec, device = self.cfg.eval, pipe.device
-        # 1. the fixed eval noise: seed s for the s-th image of every prompt; the prompts' text embeddings (once)
-        noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(s)) for s in range(ec.num_seeds)])
+        # 1. the fixed eval noise: seed first_seed + s for the s-th image of every prompt; the prompts' text
+        #    embeddings (once)
+        first = ec.get("first_seed", 0)
+        noise = torch.cat([initial_noise(pipe, 1, torch.Generator().manual_seed(first + s))
+                           for s in range(ec.num_seeds)])
         # 2. the deterministic eval sampler, every prompt x seed at once (prompt-major; shared over the processes)
         images = self._sample_all(pipe, noise, ec.num_steps)
         prompts = [p for p in self.prompts for _ in range(ec.num_seeds)]
@@ -178,7 +182,7 @@ class Evaluator:
             out[f"eval_{spec}_mean"] = float(m.mean())
             out[f"eval_{spec}_sem"] = float(m.std(ddof=1) / math.sqrt(len(m)))
             per_image[spec] = m
-        samples = [{"step": step, "prompt": p, "seed": i % ec.num_seeds,
+        samples = [{"step": step, "prompt": p, "seed": first + i % ec.num_seeds,
                     **{k: float(v[i]) for k, v in per_image.items()}} for i, p in enumerate(prompts)]
         # 4. prompt fidelity as the judge reads it
         if self.judge is not None:

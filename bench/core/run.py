@@ -7,7 +7,7 @@ The loop, for every method alike::
         another run already evaluated the same base model the same way), grid, checkpoint
     for step in 1..steps:
         metrics = method.step()                   # one optimizer update, the method's own recipe
-        every eval.every steps and at the end: evaluate (+ grid every eval.grid_every)
+        every eval.every steps, at eval.at and at the end: evaluate (+ grid every eval.grid_every)
         every checkpoint_every steps and at the end: checkpoint, metrics table, curve
     write the LoRA adapter, final grids, summary, manifest (status complete); print one summary line
     a companion run, if the method asks for one (OGDM's gamma = 0 baseline): run into <run>/baseline/, then the
@@ -334,10 +334,10 @@ class Run:
                     metrics = self.ctx.mean_metrics(self.method.step())  # several processes: averaged over them
                 if signal_after and self.step == signal_after:
                     os.kill(os.getpid(), signal.SIGTERM)  # the real signal, as a scheduler sends it
-                # 3. evaluate every eval.every steps and at the end
+                # 3. evaluate every eval.every steps, at the steps of eval.at and at the end
                 last = self.step == cfg.steps
                 ev = None
-                if self.step % cfg.eval.every == 0 or last:
+                if self.step % cfg.eval.every == 0 or self.step in cfg.eval.at or last:
                     ev = self.evaluate(grid=self.step % cfg.eval.grid_every == 0 or last, final=last)
                 self.record(metrics, ev)
                 bar.update(1)

@@ -57,7 +57,8 @@ import pandas as pd
 import yaml
 
 from bench.drivers import sweep
-from bench.outputs import leaderboard_page
+from bench.outputs import budgets, leaderboard_page
+from bench.outputs.budgets import paired_se
 from bench.outputs.compare import RunData
 from diffalign import store
 from diffalign.errors import BenchError
@@ -65,8 +66,11 @@ from methods import method_module
 
 DEFAULT_PROTOCOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "protocols",
                                 "tiny-v1.yaml")
-PROTOCOL_KEYS = {"name", "version", "rewards", "seeds", "budget_images", "set", "methods", "hacking", "root"}
-METHOD_KEYS = {"set", "tuned", "reward_free"}
+PROTOCOL_KEYS = {"name", "version", "rewards", "seeds", "budget_images", "set", "methods", "hacking", "root",
+                 "budgets", "tuning", "gold"}
+METHOD_KEYS = {"set", "tuned", "reward_free", "images_per_step", "steps", "search"}
+TUNING_KEYS = {"reward", "seed", "eval_first_seed", "rule"}
+TUNING_RULES = ("best-final",)
 FD_COL = "fd_nfe"
 
 
@@ -85,6 +89,9 @@ class Protocol:
     watch: list[str]
     root: str
     text: str  # the file as read (its hash identifies the protocol)
+    budgets: list[int] = dataclasses.field(default_factory=list)  # version 2: the budget curve's points
+    tuning: dict | None = None  # version 2: {reward, seed, eval_first_seed, rule}
+    gold: dict = dataclasses.field(default_factory=dict)  # version 2: training reward -> its held-out gold metric
 
     @property
     def digest(self) -> str:
@@ -121,27 +128,139 @@ def load_protocol(path: str, root: str | None = None) -> Protocol:
     try:
         seeds = [int(s) for s in data.get("seeds", [0])]
         version = int(data["version"])
+        budgets = [int(b) for b in data.get("budgets") or []]
     except (TypeError, ValueError):
-        raise BenchError(f"protocol file {path!r}: seeds and version must be integers") from None
+        raise BenchError(f"protocol file {path!r}: seeds, version and budgets must be integers") from None
+    if budgets and (sorted(set(budgets)) != budgets or budgets[0] < 1):
+        raise BenchError(f"protocol file {path!r}: budgets {budgets}; accepted: increasing positive integers "
+                         "(training images)")
+    tuning = data.get("tuning")
+    if tuning is not None and (not isinstance(tuning, dict) or set(tuning) - TUNING_KEYS or "reward" not in tuning
+                               or tuning.get("rule", TUNING_RULES[0]) not in TUNING_RULES):
+        raise BenchError(f"protocol file {path!r}: tuning {tuning!r}; accepted: a mapping with reward (required), "
+                         f"seed, eval_first_seed and rule ({', '.join(TUNING_RULES)})")
+    if tuning is not None:
+        tuning = {"seed": 1000, "eval_first_seed": 1000, "rule": TUNING_RULES[0], **tuning}
+        if int(tuning["seed"]) in seeds:
+            raise BenchError(f"protocol file {path!r}: tuning seed {tuning['seed']} is an evaluation seed; accepted: "
+                             f"a seed not in {seeds}")
+    for m, spec in methods.items():
+        if budgets and not spec.get("reward_free") and not (spec.get("images_per_step") or spec.get("steps")):
+            raise BenchError(f"protocol file {path!r}: method {m!r} has no images_per_step or steps; accepted: one "
+                             "of them with budgets (how its steps meet each budget)")
+        if budgets and spec.get("reward_free") and not spec.get("steps"):
+            raise BenchError(f"protocol file {path!r}: reward-free method {m!r} needs steps: with budgets")
+        spec["search"] = [[str(x) for x in (c or [])] for c in spec.get("search") or [[]]]
+    sizes = {m: len(spec["search"]) for m, spec in methods.items()}
+    if tuning is not None and len(set(sizes.values())) != 1:
+        raise BenchError(f"protocol file {path!r}: search sizes {sizes}; accepted: the same number of configurations "
+                         "for every method (equal tuning)")
+    gold = {str(k): str(v) for k, v in (data.get("gold") or {}).items()}
     return Protocol(name=str(data["name"]), version=version, rewards=[str(r) for r in data["rewards"]], seeds=seeds,
-                    budget_images=int(data.get("budget_images", 0)), common=[str(s) for s in data.get("set", [])],
+                    budget_images=budgets[-1] if budgets else int(data.get("budget_images", 0)),
+                    common=[str(s) for s in data.get("set", [])],
                     methods=methods, sigma=float(hacking.get("sigma", 3.0)), watch=list(hacking.get("watch", [])),
                     root=root or str(data.get("root") or os.path.join(store.RESULTS_ROOT, "leaderboards",
                                                                       str(data["name"]))),
-                    text=text)
+                    text=text, budgets=budgets, tuning=tuning, gold=gold)
 
 
-def plan(p: Protocol) -> list[sweep.PlannedRun]:
-    """Every run of the protocol, seed-major (seed, then reward, then method); a reward-free method once per seed,
-    under the protocol's first reward (its evaluation scores them all)."""
+def budget_steps(p: Protocol, method: str) -> list[int]:
+    """The steps at which a method's runs reach each budget (the protocol's comment says the rule): ceil(b / k) with
+    ``images_per_step: k``; with ``steps: N`` (images drawn before training, or none) N at the largest budget and
+    the same fractions of N at the others."""
+    spec = p.methods[method]
+    if spec.get("images_per_step"):
+        k = int(spec["images_per_step"])
+        steps = [max(1, math.ceil(b / k)) for b in p.budgets]
+    else:
+        n = int(spec["steps"])
+        steps = [max(1, round(n * b / p.budgets[-1])) for b in p.budgets]
+    if len(set(steps)) != len(steps):
+        raise BenchError(f"method {method!r} meets budgets {p.budgets} at steps {steps}: two budgets fall on one "
+                         "step; accepted: images_per_step or steps that give each budget a step of its own")
+    return steps
+
+
+def method_settings(p: Protocol, method: str, config: list[str] | None = None) -> list[str]:
+    """What a method's run gets: the protocol's common lines, the method's own, the budget's steps and evaluation
+    points (version 2), and a search configuration (the tuned one for the evaluation runs)."""
+    spec = p.methods[method]
+    extra = []
+    if p.budgets:
+        steps = budget_steps(p, method)
+        extra = [f"steps={steps[-1]}", f"eval.at=[{', '.join(str(s) for s in steps[:-1])}]"]
+    return p.common + spec["set"] + extra + list(config or [])
+
+
+def tuning_root(p: Protocol) -> str:
+    return os.path.join(p.root, "tuning")
+
+
+def plan_tuning(p: Protocol) -> list[sweep.PlannedRun]:
+    """Every tuning run: each method x each configuration of its search, on the tuning reward, with the tuning seed
+    for training and the tuning eval noise (``eval.first_seed``), method-major."""
+    if not p.tuning:
+        return []
+    t = p.tuning
     runs = []
+    for method, spec in p.methods.items():
+        for config in spec["search"]:
+            sets = method_settings(p, method, config) + [f"eval.first_seed={t['eval_first_seed']}"]
+            runs += sweep._plan_seeds(method, t["reward"], [int(t["seed"])], sets, tuning_root(p))
+    return runs
+
+
+def tuning_choice(p: Protocol, method: str, refused: dict | None = None) -> dict | None:
+    """The rule's pick for a method once every configuration's tuning run has ended (complete or refused), else None:
+    ``{"index", "config", "scores": [final tuning reward or None per configuration], "rule"}``.  ``best-final``: the
+    highest eval reward on the tuning reward at the largest budget; ties to the earlier configuration."""
+    refused = refused if refused is not None else _read_log(p).get("refused", {})
+    spec = p.methods[method]
+    runs = [r for r in plan_tuning(p) if r.method == method]
+    scores = []
+    for r in runs:
+        state = sweep.status_of(r.run_dir)
+        if state == "complete":
+            scores.append(_final(RunData.read(r.run_dir), "eval_reward_mean"))
+        elif r.run_id in refused:
+            scores.append(None)
+        else:
+            return None
+    ok = [(s, -i) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+    if not ok:
+        return {"index": None, "config": None, "scores": scores, "rule": p.tuning["rule"]}
+    best = -max(ok)[1]
+    return {"index": best, "config": spec["search"][best], "scores": scores, "rule": p.tuning["rule"],
+            "run_dirs": [r.run_dir for r in runs]}
+
+
+def plan(p: Protocol, refused: dict | None = None) -> list[sweep.PlannedRun]:
+    """Every run of the protocol that can be planned now: the tuning runs first (with ``tuning``), then the evaluation
+    runs seed-major (seed, then reward, then method) of every method whose tuning has ended (its chosen configuration
+    frozen); a reward-free method once per seed, under the protocol's first reward (its evaluation scores them all)."""
+    runs = plan_tuning(p)
+    configs = {}
+    for method in p.methods:
+        if p.tuning:
+            choice = tuning_choice(p, method, refused)
+            if choice is None or choice["index"] is None:
+                continue
+            configs[method] = choice["config"]
+        else:
+            configs[method] = []
     for seed in p.seeds:
         for i, reward in enumerate(p.rewards):
             for method, spec in p.methods.items():
-                if spec.get("reward_free") and i > 0:
+                if method not in configs or (spec.get("reward_free") and i > 0):
                     continue
-                runs += sweep._plan_seeds(method, reward, [seed], p.common + spec["set"], p.root)
+                runs += sweep._plan_seeds(method, reward, [seed], method_settings(p, method, configs[method]), p.root)
     return runs
+
+
+def evaluation_runs(p: Protocol, runs: list[sweep.PlannedRun]) -> list[sweep.PlannedRun]:
+    """The planned runs that are not tuning runs."""
+    return [r for r in runs if os.path.dirname(r.run_dir) != tuning_root(p)]
 
 
 # ---- running it -----------------------------------------------------------------------------------------------
@@ -177,13 +296,37 @@ def run(p: Protocol, executor: str = "local", address: str | None = None, cpus_p
                "executor": executor, "machine": machine(), "complete_before": before, "runs": len(runs)}
     t0 = time.time()
     _log_session(p, session)  # logged at its start: a driver killed mid-way leaves its start, and no end
-    log(f"leaderboard {p.name} (version {p.version}): {len(runs)} runs, {before} complete, into {p.root}")
-    outcome = sweep.run_sweep(runs, p.root, log=log, executor=executor, address=address, cpus_per_run=cpus_per_run)
+    log(f"leaderboard {p.name} (version {p.version}): {len(runs)} runs planned so far, {before} complete, into "
+        f"{p.root}")
+    outcome: dict[str, str] = {}
+    done: set[str] = set()
+    while True:  # the tuning runs end -> their methods' evaluation runs can be planned: until nothing new appears
+        todo = [r for r in runs if r.run_id not in done]
+        if not todo:
+            break
+        for root in sorted({os.path.dirname(r.run_dir) for r in todo}):
+            here = [r for r in todo if os.path.dirname(r.run_dir) == root]
+            outcome.update(sweep.run_sweep(here, root, log=log, executor=executor, address=address,
+                                           cpus_per_run=cpus_per_run))
+        done |= {r.run_id for r in todo}
+        refused = {**_read_log(p).get("refused", {}), **{k: v for k, v in outcome.items() if v.startswith("refused")}}
+        _log_session(p, session, {k: v for k, v in outcome.items() if v.startswith("refused")})
+        runs = plan(p, refused)
+    if p.tuning:
+        _log_choices(p)
     session.update(end=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    seconds=round(time.time() - t0, 1),
                    complete_after=sum(sweep.status_of(r.run_dir) == "complete" for r in runs))
     _log_session(p, session, {k: v for k, v in outcome.items() if v.startswith("refused")})
     return outcome
+
+
+def _log_choices(p: Protocol) -> None:
+    """The tuning rule's pick per method, as far as the tuning has ended, into ``leaderboard.json``."""
+    data = _read_log(p)
+    refused = data.get("refused", {})
+    data["tuning"] = {m: tuning_choice(p, m, refused) for m in p.methods}
+    _write_log(p, data)
 
 
 def _log_session(p: Protocol, session: dict, refused: dict | None = None) -> None:
@@ -221,13 +364,6 @@ def _paired(runs: list[RunData], column: str) -> tuple[float, float, float, floa
         final.append(b.mean())
     g = np.stack(gains)  # seeds x images
     return float(np.mean(base)), float(np.mean(final)), float(g.mean()), paired_se(g)
-
-
-def paired_se(g: np.ndarray) -> float:
-    """SE of the mean of per-image gains ``g`` (seeds x images): the seeds' term (dropped with one seed) plus the
-    images' term, ``var_s(mean_i g) / S + var_i(mean_s g) / I``."""
-    var = g.mean(axis=1).var(ddof=1) / g.shape[0] if g.shape[0] > 1 else 0.0
-    return float(math.sqrt(var + g.mean(axis=0).var(ddof=1) / g.shape[1]))
 
 
 def _final(r: RunData, col: str) -> float:
@@ -369,9 +505,10 @@ def _reward_free(p: Protocol, method: str) -> bool:
 
 
 def build(p: Protocol) -> dict:
-    """Every cell of the leaderboard from the runs complete so far: {reward: {method: cell or status}}, overall."""
-    runs = plan(p)
+    """Every cell of the leaderboard from the runs complete so far: {reward: {method: cell or status}}, overall;
+    version 2 adds ``budgets`` (:func:`budget_board`)."""
     refused = _read_log(p).get("refused", {})
+    runs = evaluation_runs(p, plan(p, refused))
     complete: dict[tuple[str, str], list[RunData]] = {}
     status: dict[tuple[str, str], list[str]] = {}
     for r in runs:
@@ -422,9 +559,66 @@ def build(p: Protocol) -> dict:
             "images": float(np.mean([c["images"] for c in cells])) if cells else math.nan,
         }
     done = sum(sweep.status_of(r.run_dir) == "complete" for r in runs)
-    return {"table": table, "overall": overall, "runs_complete": done, "runs_planned": len(runs),
-            "compute_s": float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in runs
-                                   if sweep.status_of(r.run_dir) == "complete"))}
+    board = {"table": table, "overall": overall, "runs_complete": done, "runs_planned": len(runs),
+             "compute_s": float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in runs
+                                    if sweep.status_of(r.run_dir) == "complete"))}
+    if p.budgets:
+        board["budgets"] = budget_board(p, complete, refused)
+        board["runs_planned"] = len(p.seeds) * sum(1 if spec.get("reward_free") else len(p.rewards)
+                                                   for spec in p.methods.values())
+        for reward in p.rewards:  # the crossing, extrapolated, joins the measured line of a method without a gain
+            for method, e in table[reward].items():
+                cur = board["budgets"]["curves"].get(reward, {}).get(method)
+                if e.get("seeds") and not e.get("beats_base") and cur and not _reward_free(p, method):
+                    x = cur["crossing"]
+                    e["diagnosis"] = "; ".join(t for t in (e.get("diagnosis"), (
+                        f"extrapolated, not measured: its curve would cross {p.sigma:g} SE at about {x:.3g} training "
+                        "images (a line in log2 images through its points)" if x else
+                        "its curve does not rise with the budget (no crossing to extrapolate)")) if t)
+    return board
+
+
+def _eval_samples(r: RunData) -> pd.DataFrame:
+    return pd.read_parquet(r.folder.file(r.folder.EVAL_SAMPLES + ".parquet"))
+
+
+def budget_board(p: Protocol, complete: dict, refused: dict) -> dict:
+    """Version 2's numbers (``bench.outputs.budgets`` says how each is computed): per reward and method the curve
+    over the budgets, its area and extrapolated crossing; per gold reward and method the proxy/gold curve against
+    the KL and the over-optimisation flag; the tuning (per method its configurations' final tuning reward and the
+    rule's pick) and the transfer (the gain on the tuning reward beside the other rewards)."""
+    curves: dict[str, dict] = {}
+    overopt: dict[str, dict] = {}
+    for reward in p.rewards:
+        curves[reward], overopt[reward] = {}, {}
+        for method in p.methods:
+            runs = sorted(complete.get((reward, method), []), key=lambda r: r.seed)
+            if not runs:
+                continue
+            col = "reward" if runs[0].reward == reward else reward
+            samples, metrics = [_eval_samples(r) for r in runs], [r.df for r in runs]
+            pts = budgets.curve(samples, metrics, col)
+            curves[reward][method] = {"points": pts, "area": budgets.area(pts, p.budgets),
+                                      "crossing": budgets.crossing(pts, p.sigma)}
+            if reward in p.gold and not _reward_free(p, method):
+                overopt[reward][method] = budgets.overoptimisation(samples, metrics, "reward", p.gold[reward], p.sigma)
+        ranked = sorted((m for m in curves[reward] if not math.isnan(curves[reward][m]["area"])),
+                        key=lambda m: -curves[reward][m]["area"])
+        for i, m in enumerate(ranked, 1):
+            curves[reward][m]["area_rank"] = i
+    tuning = {m: tuning_choice(p, m, refused) for m in p.methods} if p.tuning else {}
+    transfer = {}
+    if p.tuning:
+        tr = p.tuning["reward"]
+        for m in p.methods:
+            own = complete.get((tr, m))
+            others = [rw for rw in p.rewards if rw != tr]
+            transfer[m] = {"tuning_reward": tr,
+                           "gain_in_se_on_tuning_reward": cell(p, own, tr)["gain_in_se"] if own else math.nan,
+                           "others_beaten": [rw for rw in others if complete.get((rw, m))
+                                             and cell(p, complete[(rw, m)], rw)["beats_base"]],
+                           "others_run": [rw for rw in others if complete.get((rw, m))]}
+    return {"budgets": p.budgets, "curves": curves, "overopt": overopt, "tuning": tuning, "transfer": transfer}
 
 
 # ---- the tables and the figure --------------------------------------------------------------------------------
@@ -451,6 +645,9 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                   + f", {wall / 3600:.2f} h of finished drivers' wall time in all (drivers may overlap); "
                   f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h; machine(s): "
                   f"{'; '.join(machines)}.", ""]
+    if p.budgets:
+        lines += budget_sections(p, board)
+        lines += [f"## At the largest budget ({p.budgets[-1]} training images)", ""]
     lines += ["Gain = final eval reward minus the base model's on the same eval images, in SE (paired per image, over "
               "seeds and images); **bold** = beats the base model by more than "
               f"{p.sigma:g} SE.  Hacking flag: gain > {p.sigma:g} SE while "
@@ -505,6 +702,110 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                      f"| {', '.join(o['hacking_on']) or '-'} | {', '.join(o['refused_on']) or '-'} | {_f(o['images'])} "
                      f"| {_f(o['wall_time_s'])} | {p.methods[m].get('tuned', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def budget_sections(p: Protocol, board: dict) -> list[str]:
+    """Version 2's part of ``leaderboard.md``, before the tables at the largest budget: the curves (figures), the
+    eval reward at every budget with the area ranking, proxy against gold with the flag, the tuning and the
+    transfer.  How each number is computed: ``bench.outputs.budgets``."""
+    b = board["budgets"]
+    head = " | ".join(f"{x} images" for x in p.budgets)
+    lines = ["## Budget curves", "",
+             "![eval reward against training images, reward queries, UNet passes and wall time](budget_curves.png)",
+             "", "Every method's eval reward (mean over seeds) at each budget against four costs; the base model "
+             "dashed.  A preference method's images are its pool, drawn before training (its cost in images is "
+             "spent at once); OGDM generates none.", ""]
+    if p.gold:
+        pairs = ", ".join(f"{k} against {v}" for k, v in p.gold.items())
+        lines += ["## Proxy against gold", "", "![proxy and gold against the KL to the base model](overopt.png)", "",
+                  f"Over-optimisation curves ({pairs}): gains over the base model in units of the base images' "
+                  "standard deviation, against the KL to the base model (Gao, Schulman, Hilton, arXiv 2210.10760).  "
+                  f"**Flag**: the gold falls by more than {p.sigma:g} paired SE from its best evaluation to the last "
+                  "while the proxy still rises.", "",
+                  "| reward | method | gold's best evaluation | gold, best -> last (SE) | proxy, best -> last "
+                  "| proxy gain at the end (SE) | gold gain at the end (SE) | KL at the end | flag |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for reward, per in b["overopt"].items():
+            for m, o in sorted(per.items()):
+                if o["peak"] is None:
+                    continue
+                last = o["points"][-1]
+                pc = b["curves"][reward][m]["points"][-1]
+                gold_end = board["table"][reward][m]
+                gz = gold_end.get("fidelity_change_in_se") if p.gold[reward] == "fidelity" else \
+                    gold_end.get(f"{p.gold[reward]}_change_in_se")
+                peak = "base model" if o["peak"] == 0 else f"{p.budgets[o['peak'] - 1]} images"
+                drop = (f"{o['drop'][0]:+.3g} ({o['drop'][0] / o['drop'][1]:+.1f})"
+                        if o["drop"][1] and not math.isnan(o["drop"][1]) else "-")
+                rise = f"{o['rise'][0]:+.3g}" if not math.isnan(o["rise"][0]) else "-"
+                lines.append(f"| {reward} | {m} | {peak} | {drop} | {rise} | {pc['gain_in_se']:+.1f} | "
+                             f"{_f(gz)} | {_f(last['kl'])} | {'**flagged**' if o['flag'] else '-'} |")
+        lines.append("")
+    lines += ["## Eval reward at each budget", "",
+              "Each cell: the eval reward (mean over seeds) and, in brackets, its paired gain over the base model in "
+              f"SE; **bold** beyond {p.sigma:g} SE.  Area: the gain averaged over the budgets on a log2 axis (reward "
+              "units; `bench/outputs/budgets.py`); rank by it = sample efficiency.", ""]
+    for reward in p.rewards:
+        cur = b["curves"].get(reward, {})
+        base = next((c["points"][0]["value"] for c in cur.values()), math.nan)
+        lines += [f"### {reward}", "", f"Base model: {_f(base, 4)}.", "",
+                  f"| area rank | method | seeds | {head} | area | images | reward queries | UNet passes | wall (s) |",
+                  "|---|---|---|" + "---|" * len(p.budgets) + "---|---|---|---|---|"]
+        order = sorted(cur, key=lambda m: (cur[m].get("area_rank", 99), m))
+        for m in order:
+            c, e = cur[m], board["table"][reward][m]
+            cells = []
+            for q in c["points"][1:len(p.budgets) + 1]:
+                z = q["gain_in_se"]
+                zt = "-" if math.isnan(z) else f"{z:+.1f}"
+                cells.append(f"{_f(q['value'], 4)} ({'**' + zt + '**' if z > p.sigma else zt})")
+            cells += ["-"] * (len(p.budgets) - len(cells))
+            end = c["points"][-1]
+            lines.append(f"| {c.get('area_rank', '-')} | {m} | {e['seeds']}/{e['planned']} | " + " | ".join(cells)
+                         + f" | {_f(c['area'])} | {_f(end['images'])} | {_f(end['reward_queries'])} | "
+                         f"{_f(end['unet_passes'])} | {_f(end['wall_time'])} |")
+        for m in sorted(m for m in p.methods if m not in cur):
+            e = board["table"][reward][m]
+            why = f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e.get('planned', 0)})"
+            lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(p.budgets) + 4))
+        lines.append("")
+    if p.tuning:
+        t = p.tuning
+        n = max(len(spec["search"]) for spec in p.methods.values())
+        lines += ["## Tuning", "",
+                  f"Every method tried its {n} configurations (`search:` in the protocol file, the first its preset) "
+                  f"on {t['reward']}, training seed {t['seed']}, eval noise seeds from {t['eval_first_seed']} (no "
+                  f"evaluation run uses either), to the largest budget; rule `{t['rule']}`: the highest final eval "
+                  "reward, ties to the earlier configuration; the pick is frozen for every reward and seed.  Each "
+                  "cell: the configuration's final eval reward on the tuning reward (`refused` = the harness refused "
+                  "it, `-` = not run yet).", "",
+                  "| method | " + " | ".join(f"config {i + 1}" for i in range(n)) + " | chosen | its settings |",
+                  "|---|" + "---|" * (n + 2)]
+        for m in p.methods:
+            ch = b["tuning"].get(m)
+            scores = (ch or {}).get("scores") or []
+            cells = []
+            for i in range(n):
+                if i < len(scores):
+                    v = "refused" if scores[i] is None else _f(scores[i], 4)
+                    cells.append(f"**{v}**" if ch and ch.get("index") == i else v)
+                else:
+                    cells.append("-")
+            chosen = "tuning not finished" if ch is None else (
+                "none (every configuration refused)" if ch["index"] is None else f"config {ch['index'] + 1}")
+            settings = ", ".join(ch["config"]) if ch and ch.get("config") else ("preset" if ch and ch.get(
+                "index") == 0 else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} | {settings} |")
+        lines += ["", "## Transfer", "",
+                  f"Tuned on {t['reward']}; the gain at the largest budget there, beside the other rewards the frozen "
+                  "settings were run on.", "",
+                  f"| method | gain on {t['reward']} (SE) | other rewards beaten (> {p.sigma:g} SE) |", "|---|---|---|"]
+        for m, tr in b["transfer"].items():
+            lines.append(f"| {m} | {_f(tr['gain_in_se_on_tuning_reward'], 2)} | "
+                         f"{len(tr['others_beaten'])} of {len(tr['others_run'])}"
+                         + (f": {', '.join(tr['others_beaten'])}" if tr["others_beaten"] else "") + " |")
+        lines.append("")
+    return lines
 
 
 def summary(p: Protocol, board: dict) -> str:
@@ -597,11 +898,19 @@ def write_outputs(p: Protocol) -> list[str]:
     paths = [md, _log_path(p)]
     if board["runs_complete"]:
         paths += figure(p, board, os.path.join(p.root, "gains"))
+    figures = []
+    if p.budgets and board["runs_complete"]:
+        figures += budgets.curves_figure(f"{p.name}: eval reward against cost at budgets {p.budgets}", p.rewards,
+                                         board["budgets"]["curves"], os.path.join(p.root, "budget_curves"))[:1]
+        figures += budgets.overopt_figure(f"{p.name}: proxy and gold against the KL to the base model",
+                                          board["budgets"]["overopt"], p.gold, os.path.join(p.root, "overopt"))[:1]
+        paths += figures
     store.atomic_write_text(os.path.join(p.root, "summary.md"), summary(p, board))
     paths.append(os.path.join(p.root, "summary.md"))
     page = os.path.join(p.root, "leaderboard.html")
     store.atomic_write_text(page, leaderboard_page.html_page(p, board, text,
-                                                             paths[2] if board["runs_complete"] else None))
+                                                             paths[2] if board["runs_complete"] else None,
+                                                             figures))
     return paths + [page]
 
 
@@ -618,6 +927,7 @@ def main(args) -> int:
             update_readme(args.readme, p, f.read())
         print(f"updated {args.readme}")
     board = build(p) if args.tables_only else None
-    done = board["runs_complete"] if board else sum(sweep.status_of(r.run_dir) == "complete" for r in plan(p))
-    print(f"leaderboard {p.name}: {done}/{len(plan(p))} runs complete in {p.root}", file=sys.stdout)
+    board = board or build(p)
+    print(f"leaderboard {p.name}: {board['runs_complete']}/{board['runs_planned']} runs complete in "
+          f"{p.root}", file=sys.stdout)
     return 0

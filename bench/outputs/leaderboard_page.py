@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 
 from bench.outputs.report import STYLE, data_uri
@@ -121,16 +122,57 @@ def _overall(p, board: dict) -> list[str]:
             + "".join(body) + "</table></div>"]
 
 
-def html_page(p, board: dict, md: str, figure_png: str | None) -> str:
-    """The page: the Markdown's opening paragraphs (title, runs, sessions, what bold means), the figure, a table per
-    reward ranked by gain in SE, the overall table.  ``p`` is the protocol (``bench.drivers.leaderboard.Protocol``),
-    ``board`` what ``build`` returns, ``md`` the text of ``leaderboard.md``."""
+def _markdown_block(md: str, folder: str) -> list[str]:
+    """A run of ``leaderboard.md`` (headings, paragraphs, pipe tables, images) as HTML; an image is embedded from
+    ``folder``."""
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table if not set(r) <= set("|-: ")]
+            ths = "".join(f"<th>{_inline(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            out.append(f"<div class=wide><table><tr>{ths}</tr>{body}</table></div>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        img = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
+        if img:
+            path = os.path.join(folder, img.group(2))
+            if os.path.isfile(path):
+                out.append(f'<img src="{data_uri(path)}" alt="{html.escape(img.group(1))}">')
+        elif line.startswith("### "):
+            out.append(f"<h3>{_inline(line[4:])}</h3>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return out
+
+
+def html_page(p, board: dict, md: str, figure_png: str | None, figures: list[str] | None = None) -> str:
+    """The page: the Markdown's opening paragraphs (title, runs, sessions, what bold means); for a version-2
+    protocol its budget curves and proxy-against-gold figures first, then its tables (every budget, the flag, the
+    tuning, the transfer); the gains figure, a table per reward ranked by gain in SE, the overall table.  ``p`` is
+    the protocol (``bench.drivers.leaderboard.Protocol``), ``board`` what ``build`` returns, ``md`` the text of
+    ``leaderboard.md``, ``figures`` the version-2 figures written beside it."""
     out = []
-    for line in md.split("\n## ", 1)[0].splitlines():  # everything before the first reward's heading
+    intro, _, rest = md.partition("\n## ")
+    for line in intro.splitlines():  # everything before the first heading
         if line.startswith("# "):
             out.append(f"<h1>{_inline(line[2:])}</h1>")
         elif line.strip():
             out.append(f"<p>{_inline(line)}</p>")
+    if figures and "## At the largest budget" in md:
+        v2 = ("## " + rest).split("\n## At the largest budget", 1)[0]
+        out += _markdown_block(v2, os.path.dirname(figures[0]))
+        out.append("<h2>" + _inline(md.split("\n## At the largest budget", 1)[1].split("\n", 1)[0].join(
+            ("At the largest budget", ""))) + "</h2>")
     out.append(f"<p><b>Rank</b> (every table below): by the <b>gain in SE</b>, the paired gain over the base model in "
                f"units of its standard error: the quantity bold marks and &ldquo;beats base&rdquo; (&gt; {p.sigma:g} "
                "SE) uses, so no bold row sits below a row with a smaller gain.  (<code>leaderboard.md</code> and "

@@ -154,7 +154,7 @@ def test_bad_protocol_is_one_line(board, tmp_path, capsys):
     for argv, expected in [
         (["leaderboard", "--protocol", str(tmp_path / "none.yaml")], "does not exist; accepted: a YAML file"),
         (["leaderboard", "--protocol", str(bad)], "has keys ['budget', 'methods', 'name', 'rewards', 'version']; "
-                                                  "accepted: budget_images, hacking"),
+                                                  "accepted: budget_images, budgets, gold, hacking"),
         (["leaderboard", "--protocol", board["path"], "--executor", "slurm"], "executor 'slurm'; accepted: local, ray"),
     ]:
         assert cli.main(argv) == 2

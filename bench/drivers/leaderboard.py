@@ -739,35 +739,39 @@ def budget_sections(p: Protocol, board: dict) -> list[str]:
                         if o["drop"][1] and not math.isnan(o["drop"][1]) else "-")
                 rise = f"{o['rise'][0]:+.3g}" if not math.isnan(o["rise"][0]) else "-"
                 lines.append(f"| {reward} | {m} | {peak} | {drop} | {rise} | {pc['gain_in_se']:+.1f} | "
-                             f"{_f(gz)} | {_f(last['kl'])} | {'**flagged**' if o['flag'] else '-'} |")
+                             f"{_f(gz)} | {_f(last['kl'])} | {'FLAGGED' if o['flag'] else '-'} |")
         lines.append("")
     lines += ["## Eval reward at each budget", "",
               "Each cell: the eval reward (mean over seeds) and, in brackets, its paired gain over the base model in "
-              f"SE; **bold** beyond {p.sigma:g} SE.  Area: the gain averaged over the budgets on a log2 axis (reward "
-              "units; `bench/outputs/budgets.py`); rank by it = sample efficiency.", ""]
+              f"SE; `beyond {p.sigma:g} SE at`: the budgets where that gain exceeds {p.sigma:g}.  Area: the gain "
+              "averaged over the budgets on a log2 axis (reward units; `bench/outputs/budgets.py`); the rows are "
+              "ranked by it (sample efficiency).  Costs: at the largest budget.", ""]
     for reward in p.rewards:
         cur = b["curves"].get(reward, {})
         base = next((c["points"][0]["value"] for c in cur.values()), math.nan)
         lines += [f"### {reward}", "", f"Base model: {_f(base, 4)}.", "",
-                  f"| area rank | method | seeds | {head} | area | images | reward queries | UNet passes | wall (s) |",
-                  "|---|---|---|" + "---|" * len(p.budgets) + "---|---|---|---|---|"]
+                  f"| area rank | method | seeds | {head} | beyond {p.sigma:g} SE at | area | images | reward queries "
+                  "| UNet passes | wall (s) |",
+                  "|---|---|---|" + "---|" * len(p.budgets) + "---|---|---|---|---|---|"]
         order = sorted(cur, key=lambda m: (cur[m].get("area_rank", 99), m))
         for m in order:
             c, e = cur[m], board["table"][reward][m]
-            cells = []
-            for q in c["points"][1:len(p.budgets) + 1]:
+            cells, beyond = [], []
+            for b_, q in zip(p.budgets, c["points"][1:len(p.budgets) + 1]):
                 z = q["gain_in_se"]
-                zt = "-" if math.isnan(z) else f"{z:+.1f}"
-                cells.append(f"{_f(q['value'], 4)} ({'**' + zt + '**' if z > p.sigma else zt})")
+                cells.append(f"{_f(q['value'], 4)} ({'-' if math.isnan(z) else f'{z:+.1f}'})")
+                if z > p.sigma:
+                    beyond.append(str(b_))
             cells += ["-"] * (len(p.budgets) - len(cells))
             end = c["points"][-1]
             lines.append(f"| {c.get('area_rank', '-')} | {m} | {e['seeds']}/{e['planned']} | " + " | ".join(cells)
-                         + f" | {_f(c['area'])} | {_f(end['images'])} | {_f(end['reward_queries'])} | "
+                         + f" | {', '.join(beyond) or 'none'} | {_f(c['area'])} | {_f(end['images'])} | "
+                         f"{_f(end['reward_queries'])} | "
                          f"{_f(end['unet_passes'])} | {_f(end['wall_time'])} |")
         for m in sorted(m for m in p.methods if m not in cur):
             e = board["table"][reward][m]
             why = f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e.get('planned', 0)})"
-            lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(p.budgets) + 4))
+            lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(p.budgets) + 5))
         lines.append("")
     if p.tuning:
         t = p.tuning
@@ -787,8 +791,7 @@ def budget_sections(p: Protocol, board: dict) -> list[str]:
             cells = []
             for i in range(n):
                 if i < len(scores):
-                    v = "refused" if scores[i] is None else _f(scores[i], 4)
-                    cells.append(f"**{v}**" if ch and ch.get("index") == i else v)
+                    cells.append("refused" if scores[i] is None else _f(scores[i], 4))
                 else:
                     cells.append("-")
             chosen = "tuning not finished" if ch is None else (
@@ -814,6 +817,15 @@ def summary(p: Protocol, board: dict) -> str:
     lines = [f"At {p.budget_images} training images, {len(p.seeds)} seeds ({board['runs_complete']} of "
              f"{board['runs_planned']} runs complete); gain and changes in SE over the base model "
              f"(`{os.path.join(p.root, 'leaderboard.md')}` has every number):", ""]
+    if p.budgets:
+        b = board["budgets"]
+        tuned = sum(1 for c in b["tuning"].values() if c is not None) if p.tuning else 0
+        lines[0] = (f"Budgets {', '.join(map(str, p.budgets))} training images, {len(p.seeds)} seeds "
+                    f"({board['runs_complete']} of {board['runs_planned']} evaluation runs complete"
+                    + (f"; tuning finished for {tuned} of {len(p.methods)} methods, on {p.tuning['reward']}"
+                       if p.tuning else "") + "); at the largest budget, gain and changes in SE over the base "
+                    f"model (`{os.path.join(p.root, 'leaderboard.md')}` has every budget, the tuning and the "
+                    "over-optimisation curves):")
     for m in p.methods:
         wins, fails, refused = [], [], []
         for reward in p.rewards:
@@ -831,6 +843,10 @@ def summary(p: Protocol, board: dict) -> str:
             else:
                 fails.append(f"{reward} ({e['gain_in_se']:+.1f}): {e.get('diagnosis', '')}")
         text = f"- **{m}** beats the base model on " + ("; ".join(wins) if wins else "no reward") + "."
+        if p.budgets:
+            flags = [rw for rw, per in board["budgets"]["overopt"].items() if per.get(m, {}).get("flag")]
+            if flags:
+                text += f" **Over-optimisation flag** (gold fell while the proxy rose) on {', '.join(flags)}."
         if fails:
             text += " No 3-SE gain on " + "; ".join(fails) + "."
         if refused:

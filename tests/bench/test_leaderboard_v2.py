@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
+from test_pages import _explain, check_page, chromium
 
 from bench import cli
 from bench.core import run
@@ -145,6 +146,9 @@ def test_every_run_is_evaluated_at_the_budgets_and_the_pages_show_curves_first(b
         assert os.path.getsize(os.path.join(board["root"], name)) > 1000
     page = open(os.path.join(board["root"], "leaderboard.html")).read()
     assert page.index("data:image/png") < page.index("<h2>Tuning</h2>") < page.index("<h2>saturation</h2>")
+    if chromium() is not None:  # read at 1400 px in a real headless browser, as the committed pages are
+        v = check_page(os.path.join(board["root"], "leaderboard.html"), board["root"])
+        assert v["problems"] == [] and v["images"] >= 3, _explain(v)
 
 
 # ---- the rules on planted curves ------------------------------------------------------------------------------

@@ -842,6 +842,14 @@ def summary(p: Protocol, board: dict) -> str:
                             + (f"; **hacking flag: {e['hacking']}**" if e["hacking"] else "") + ")")
             else:
                 fails.append(f"{reward} ({e['gain_in_se']:+.1f}): {e.get('diagnosis', '')}")
+        if not wins and not refused and all(f.endswith(": not run yet") for f in fails):
+            done = ""
+            if p.tuning:
+                runs = [r for r in plan_tuning(p) if r.method == m]
+                done = (f" (tuning: {sum(sweep.status_of(r.run_dir) == 'complete' for r in runs)} of {len(runs)} "
+                        "configurations done)")
+            lines.append(f"- **{m}**: not run yet{done}.")
+            continue
         text = f"- **{m}** beats the base model on " + ("; ".join(wins) if wins else "no reward") + "."
         if p.budgets:
             flags = [rw for rw, per in board["budgets"]["overopt"].items() if per.get(m, {}).get("flag")]

@@ -179,7 +179,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The benchmark's own protocol (bench/protocols/tiny-v1.yaml: every method x 4 rewards x 3 seeds at a matched budget)
-# into results/leaderboards/tiny-v1, resumable: rerun it after any interruption.  WORKERS=2 runs two drivers over the
+# into results/leaderboards/tiny-v1, resumable: rerun it after any interruption.  PROTOCOL=bench/protocols/tiny-v2.yaml
+# (or tiny-flow-v2.yaml): version 2, its tuning first, then budget curves (docs/leaderboard-v2.md).  WORKERS=2 runs two drivers over the
 # same folder (they share the runs through the run folders' locks); EXECUTOR=ray [ADDRESS=...] a Ray task per run.
 PROTOCOL ?= bench/protocols/tiny-v1.yaml
 WORKERS  ?= 1

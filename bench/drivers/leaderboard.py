@@ -32,6 +32,15 @@ What the tables say, per reward, per method (its runs over the protocol's seeds)
 - **hacking flag**: gain in SE > ``hacking.sigma`` while fidelity or a watched held-out metric
   (``hacking.watch``) changes by less than ``-sigma`` SE (paired, as the gain, for per-image metrics).
 
+**Version 2** (a protocol with ``budgets``, ``tuning`` and ``gold``: ``bench/protocols/tiny-v2.yaml``; the rules in
+docs/leaderboard-v2.md): every run trains to the largest budget and is evaluated at each budget on the way
+(``eval.at``); before the evaluation runs, every method's ``search`` configurations are run on the tuning reward with a
+training seed and eval noise seeds (``eval.first_seed``) of their own, and the rule (``best-final``: the highest final
+eval reward, ties to the earlier configuration) picks one, frozen for every reward and seed (:func:`tuning_choice`;
+a method's evaluation runs are planned once its tuning has ended).  ``bench.outputs.budgets`` computes the curves, the
+area ranking, the extrapolated crossings and the over-optimisation flag; ``leaderboard.md`` opens with them, then the
+tables below at the largest budget.
+
 The overall table: per method, mean rank over the rewards it ran on, the rewards it beats the base model on, flags,
 and its mean cost per run.  ``leaderboard.json`` in the root keeps the protocol (and its hash), every driver session
 (start, end, machine, executor, runs complete before and after) and the numbers; ``leaderboard.md`` the tables;
@@ -144,6 +153,12 @@ def load_protocol(path: str, root: str | None = None) -> Protocol:
         if int(tuning["seed"]) in seeds:
             raise BenchError(f"protocol file {path!r}: tuning seed {tuning['seed']} is an evaluation seed; accepted: "
                              f"a seed not in {seeds}")
+        lines = [str(x) for x in data.get("set", [])]
+        n = next((int(x.split("=", 1)[1]) for x in lines if x.startswith("eval.num_seeds=")), 8)
+        first = next((int(x.split("=", 1)[1]) for x in lines if x.startswith("eval.first_seed=")), 0)
+        if first <= int(tuning["eval_first_seed"]) < first + n:
+            raise BenchError(f"protocol file {path!r}: tuning eval_first_seed {tuning['eval_first_seed']} is one of "
+                             f"the evaluation's noise seeds {first}..{first + n - 1}; accepted: one outside them")
     for m, spec in methods.items():
         if budgets and not spec.get("reward_free") and not (spec.get("images_per_step") or spec.get("steps")):
             raise BenchError(f"protocol file {path!r}: method {m!r} has no images_per_step or steps; accepted: one "

@@ -222,6 +222,7 @@ def test_bad_v2_protocol_is_one_line(tmp_path, capsys):
     base = open(os.path.join(ROOT, "bench", "protocols", "tiny-v2.yaml")).read()
     cases = [(base.replace("budgets: [16, 32, 64, 128]", "budgets: [64, 16]"), "increasing positive integers"),
              (base.replace("seed: 1000,", "seed: 1,"), "is an evaluation seed"),
+             (base.replace("eval_first_seed: 1000", "eval_first_seed: 4"), "evaluation's noise seeds 0..7"),
              (base.replace("rule: best-final", "rule: best-mean"), "best-final"),
              (base.replace("    search: [[], [rwr.lr=3e-4], [rwr.lr=3e-3], [rwr.weighting=exponential],\n",
                            "    search: [[],\n"), "the same number of configurations")]

@@ -75,11 +75,16 @@ def test_the_evaluation_split_over_processes_gives_the_whole_set(small_pixel_pip
     shares = [ev._share(r) for r in range(world)]
     assert [len(s) for s in shares] == [1, 2, 2] and [i for s in shares for i in s] == list(range(5))
     local = [ev.sample_prompts(pipe, noise, 2, s) for s in shares]
+    # the same bits where the kernels are batch-size invariant (measured: 2 threads on AVX512); elsewhere a share's
+    # smaller batches round differently (measured at 1 thread on AVX512: 3.2e-6 of a pixel here, at 2 sampler steps;
+    # up to 2.1e-3 on the tiny world at 4 DDIM steps, which magnify it)
+    exact = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.get_num_threads() == 2
     padded = [torch.cat([x, x.new_zeros((6 - len(x), *x.shape[1:]))]) for x in local]
     for rank in range(world):
         ev.ctx = _Shard(world, rank, padded)
         got = ev._gather_prompt_rows(local[rank], 3)
-        assert torch.equal(got, whole)  # the same bits, in prompt-major order, padding dropped
+        diff = float((got - whole).abs().max())  # in prompt-major order, padding dropped
+        assert torch.equal(got, whole) if exact else diff <= 1e-4, diff  # 1 thread: 3.2e-6 here
     kl = [torch.arange(len(s) * 2, dtype=torch.float64) + 10 * s.start for s in shares]
     ev.ctx = _Shard(world, 2, [torch.cat([x, x.new_zeros(4 - len(x))]) for x in kl])
     assert torch.equal(ev._gather_prompt_rows(kl[2], 2), torch.cat(kl))

@@ -29,6 +29,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from bench.outputs.leaderboard_page import _f
+
 COST_AXES = (("images", "training images generated"), ("reward_queries", "reward queries"),
              ("unet_passes", "UNet passes (fwd + bwd, in images)"), ("wall_time", "wall time (s)"))
 
@@ -243,3 +245,111 @@ def overopt_figure(title: str, overopt: dict, gold: dict, stem: str) -> list[str
     paths = _save(fig, stem)
     plt.close(fig)
     return paths
+
+
+def markdown_sections(p, board: dict) -> list[str]:
+    """A version-2 leaderboard's part of ``leaderboard.md``, before its tables at the largest budget: the curves
+    (figures), the eval reward at every budget with the area ranking, proxy against gold with the flag, the tuning
+    and the transfer.  ``p``: the protocol (``bench.drivers.leaderboard.Protocol``); ``board``: what its ``build``
+    returns."""
+    b = board["budgets"]
+    head = " | ".join(f"{x} images" for x in p.budgets)
+    lines = ["## Budget curves", "",
+             "![eval reward against training images, reward queries, UNet passes and wall time](budget_curves.png)",
+             "", "Every method's eval reward (mean over seeds) at each budget against four costs; the base model "
+             "dashed.  A preference method's images are its pool, drawn before training (its cost in images is "
+             "spent at once); OGDM generates none.", ""]
+    if p.gold:
+        pairs = ", ".join(f"{k} against {v}" for k, v in p.gold.items())
+        lines += ["## Proxy against gold", "", "![proxy and gold against the KL to the base model](overopt.png)", "",
+                  f"Over-optimisation curves ({pairs}): gains over the base model in units of the base images' "
+                  "standard deviation, against the KL to the base model (Gao, Schulman, Hilton, arXiv 2210.10760).  "
+                  f"**Flag**: the gold falls by more than {p.sigma:g} paired SE from its best evaluation to the last "
+                  "while the proxy still rises.", "",
+                  "| reward | method | gold's best evaluation | gold, best -> last (SE) | proxy, best -> last "
+                  "| proxy gain at the end (SE) | gold gain at the end (SE) | KL at the end | flag |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for reward, per in b["overopt"].items():
+            for m, o in sorted(per.items()):
+                if o["peak"] is None:
+                    continue
+                last = o["points"][-1]
+                pc = b["curves"][reward][m]["points"][-1]
+                gold_end = board["table"][reward][m]
+                gz = gold_end.get("fidelity_change_in_se") if p.gold[reward] == "fidelity" else \
+                    gold_end.get(f"{p.gold[reward]}_change_in_se")
+                peak = "base model" if o["peak"] == 0 else f"{p.budgets[o['peak'] - 1]} images"
+                drop = (f"{o['drop'][0]:+.3g} ({o['drop'][0] / o['drop'][1]:+.1f})"
+                        if o["drop"][1] and not math.isnan(o["drop"][1]) else "-")
+                rise = f"{o['rise'][0]:+.3g}" if not math.isnan(o["rise"][0]) else "-"
+                lines.append(f"| {reward} | {m} | {peak} | {drop} | {rise} | {pc['gain_in_se']:+.1f} | "
+                             f"{_f(gz)} | {_f(last['kl'])} | {'FLAGGED' if o['flag'] else '-'} |")
+        lines.append("")
+    lines += ["## Eval reward at each budget", "",
+              "Each cell: the eval reward (mean over seeds) and, in brackets, its paired gain over the base model in "
+              f"SE; `beyond {p.sigma:g} SE at`: the budgets where that gain exceeds {p.sigma:g}.  Area: the gain "
+              "averaged over the budgets on a log2 axis (reward units; `bench/outputs/budgets.py`); the rows are "
+              "ranked by it (sample efficiency).  Costs: at the largest budget.", ""]
+    for reward in p.rewards:
+        cur = b["curves"].get(reward, {})
+        base = next((c["points"][0]["value"] for c in cur.values()), math.nan)
+        lines += [f"### {reward}", "", f"Base model: {_f(base, 4)}.", "",
+                  f"| area rank | method | seeds | {head} | beyond {p.sigma:g} SE at | area | images | reward queries "
+                  "| UNet passes | wall (s) |",
+                  "|---|---|---|" + "---|" * len(p.budgets) + "---|---|---|---|---|---|"]
+        order = sorted(cur, key=lambda m: (cur[m].get("area_rank", 99), m))
+        for m in order:
+            c, e = cur[m], board["table"][reward][m]
+            cells, beyond = [], []
+            for b_, q in zip(p.budgets, c["points"][1:len(p.budgets) + 1]):
+                z = q["gain_in_se"]
+                cells.append(f"{_f(q['value'], 4)} ({'-' if math.isnan(z) else f'{z:+.1f}'})")
+                if z > p.sigma:
+                    beyond.append(str(b_))
+            cells += ["-"] * (len(p.budgets) - len(cells))
+            end = c["points"][-1]
+            lines.append(f"| {c.get('area_rank', '-')} | {m} | {e['seeds']}/{e['planned']} | " + " | ".join(cells)
+                         + f" | {', '.join(beyond) or 'none'} | {_f(c['area'])} | {_f(end['images'])} | "
+                         f"{_f(end['reward_queries'])} | "
+                         f"{_f(end['unet_passes'])} | {_f(end['wall_time'])} |")
+        for m in sorted(m for m in p.methods if m not in cur):
+            e = board["table"][reward][m]
+            why = f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e.get('planned', 0)})"
+            lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(p.budgets) + 5))
+        lines.append("")
+    if p.tuning:
+        t = p.tuning
+        n = max(len(spec["search"]) for spec in p.methods.values())
+        lines += ["## Tuning", "",
+                  f"Every method tried its {n} configurations (`search:` in the protocol file, the first its preset) "
+                  f"on {t['reward']}, training seed {t['seed']}, eval noise seeds from {t['eval_first_seed']} (no "
+                  f"evaluation run uses either), to the largest budget; rule `{t['rule']}`: the highest final eval "
+                  "reward, ties to the earlier configuration; the pick is frozen for every reward and seed.  Each "
+                  "cell: the configuration's final eval reward on the tuning reward (`refused` = the harness refused "
+                  "it, `-` = not run yet).", "",
+                  "| method | " + " | ".join(f"config {i + 1}" for i in range(n)) + " | chosen | its settings |",
+                  "|---|" + "---|" * (n + 2)]
+        for m in p.methods:
+            ch = b["tuning"].get(m)
+            scores = (ch or {}).get("scores") or []
+            cells = []
+            for i in range(n):
+                if i < len(scores):
+                    cells.append("refused" if scores[i] is None else _f(scores[i], 4))
+                else:
+                    cells.append("-")
+            chosen = "tuning not finished" if ch is None else (
+                "none (every configuration refused)" if ch["index"] is None else f"config {ch['index'] + 1}")
+            settings = ", ".join(ch["config"]) if ch and ch.get("config") else ("preset" if ch and ch.get(
+                "index") == 0 else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} | {settings} |")
+        lines += ["", "## Transfer", "",
+                  f"Tuned on {t['reward']}; the gain at the largest budget there, beside the other rewards the frozen "
+                  "settings were run on.", "",
+                  f"| method | gain on {t['reward']} (SE) | other rewards beaten (> {p.sigma:g} SE) |", "|---|---|---|"]
+        for m, tr in b["transfer"].items():
+            lines.append(f"| {m} | {_f(tr['gain_in_se_on_tuning_reward'], 2)} | "
+                         f"{len(tr['others_beaten'])} of {len(tr['others_run'])}"
+                         + (f": {', '.join(tr['others_beaten'])}" if tr["others_beaten"] else "") + " |")
+        lines.append("")
+    return lines

@@ -319,7 +319,7 @@ def run(p: Protocol, executor: str = "local", address: str | None = None, cpus_p
         todo = [r for r in runs if r.run_id not in done]
         if not todo:
             break
-        for root in sorted({os.path.dirname(r.run_dir) for r in todo}):
+        for root in sorted({os.path.dirname(r.run_dir) for r in todo}, key=lambda d: d != tuning_root(p)):  # tuning 1st
             here = [r for r in todo if os.path.dirname(r.run_dir) == root]
             outcome.update(sweep.run_sweep(here, root, log=log, executor=executor, address=address,
                                            cpus_per_run=cpus_per_run))
@@ -577,6 +577,10 @@ def build(p: Protocol) -> dict:
     board = {"table": table, "overall": overall, "runs_complete": done, "runs_planned": len(runs),
              "compute_s": float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in runs
                                     if sweep.status_of(r.run_dir) == "complete"))}
+    if p.tuning:
+        tuned = [r for r in plan_tuning(p) if sweep.status_of(r.run_dir) == "complete"]
+        board["tuning_runs_complete"], board["tuning_runs_planned"] = len(tuned), len(plan_tuning(p))
+        board["tuning_compute_s"] = float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in tuned))
     if p.budgets:
         board["budgets"] = budget_board(p, complete, refused)
         board["runs_planned"] = len(p.seeds) * sum(1 if spec.get("reward_free") else len(p.rewards)
@@ -658,7 +662,10 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                            + (f", {s['machine']['gpu']}" if s["machine"].get("gpu") else "") for s in sessions})
         lines += [f"Driver sessions: {len(sessions)}" + (f" ({killed} interrupted or still running)" if killed else "")
                   + f", {wall / 3600:.2f} h of finished drivers' wall time in all (drivers may overlap); "
-                  f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h; machine(s): "
+                  f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h"
+                  + (f", tuning {board['tuning_runs_complete']} of {board['tuning_runs_planned']} runs complete, "
+                     f"{board['tuning_compute_s'] / 3600:.2f} h" if "tuning_compute_s" in board else "")
+                  + "; machine(s): "
                   f"{'; '.join(machines)}.", ""]
     if p.budgets:
         lines += budgets.markdown_sections(p, board)

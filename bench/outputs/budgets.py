@@ -314,7 +314,8 @@ def markdown_sections(p, board: dict) -> list[str]:
                          f"{_f(end['unet_passes'])} | {_f(end['wall_time'])} |")
         for m in sorted(m for m in p.methods if m not in cur):
             e = board["table"][reward][m]
-            why = f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e.get('planned', 0)})"
+            why = (f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e['planned']})"
+                   if e.get("planned") else "not planned yet: its tuning has not finished")
             lines.append(f"| - | {m} | 0 | {why} |" + " |" * (len(p.budgets) + 5))
         lines.append("")
     if p.tuning:

@@ -814,13 +814,7 @@ def figure(p: Protocol, board: dict, stem: str) -> list[str]:
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{p.name}: gain in SE at {p.budget_images} training images", fontsize=9)
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        path = f"{stem}.{ext}"
-        tmp = f"{path}.tmp-{os.getpid()}.{ext}"
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
-        paths.append(path)
+    paths = budgets.save_figure(fig, stem, dpi=150)
     plt.close(fig)
     return paths
 

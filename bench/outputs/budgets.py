@@ -158,14 +158,15 @@ def overoptimisation(samples: list[pd.DataFrame], metrics: list[pd.DataFrame], p
     return out
 
 
-def _save(fig, stem: str) -> list[str]:
+def save_figure(fig, stem: str, dpi: int = 110) -> list[str]:
+    """Write `fig` as stem.png and stem.svg, each under a temporary name first, then renamed into place."""
     import os
 
     paths = []
     for ext in ("png", "svg"):
         path = f"{stem}.{ext}"
         tmp = f"{path}.tmp-{os.getpid()}.{ext}"
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
         paths.append(path)
     return paths
@@ -207,7 +208,7 @@ def curves_figure(title: str, rewards: list[str], curves: dict, stem: str) -> li
     fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 8), 1, 0.97))
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 
@@ -242,7 +243,7 @@ def overopt_figure(title: str, overopt: dict, gold: dict, stem: str) -> list[str
         ax.legend(fontsize=6, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths = _save(fig, stem)
+    paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
 

@@ -2,8 +2,6 @@
 rest without rerunning the first; the tables' numbers are the runs' own (the paired gain recomputed here from the
 per-image eval scores); a method the reward cannot train is shown refused; bad protocols are one line; and the
 committed protocol plans every method x reward x seed."""
-import contextlib
-import io
 import json
 import math
 import os
@@ -13,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from cli_capture import capture
 from conftest import ROOT
 
 from bench import cli
@@ -43,13 +42,6 @@ root: {root}
 """
 
 
-def _capture(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = cli.main(argv)
-    return code, buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def board(small_pixel_pipeline_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("leaderboard")
@@ -66,8 +58,8 @@ def board(small_pixel_pipeline_dir, tmp_path_factory):
     planned = leaderboard.plan(p)
     after_kill = [sweep.status_of(r.run_dir) for r in planned]
     first = os.stat(os.path.join(planned[0].run_dir, "metrics.parquet")).st_mtime_ns
-    resumed = _capture(argv)
-    again = _capture(argv)
+    resumed = capture(argv)
+    again = capture(argv)
     return dict(p=p, planned=planned, killed=killed, after_kill=after_kill, first=first, resumed=resumed,
                 again=again, root=root, argv=argv, path=str(path))
 

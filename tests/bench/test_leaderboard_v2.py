@@ -3,8 +3,6 @@ and rerun, finishes the rest (its tuning included) without rerunning what was do
 configuration from the runs' own numbers and freezes it; every run is evaluated at the budgets; the pages put the
 curves first.  The over-optimisation flag, the area and the extrapolated crossing against hand computations on planted
 curves; the committed protocols cover every registered method with equal searches."""
-import contextlib
-import io
 import math
 import os
 import subprocess
@@ -13,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from cli_capture import capture
 from conftest import ROOT
 from test_pages import _explain, check_page, chromium
 
@@ -49,13 +48,6 @@ root: {root}
 """
 
 
-def _capture(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = cli.main(argv)
-    return code, buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def board(small_pixel_pipeline_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("leaderboard_v2")
@@ -73,7 +65,7 @@ def board(small_pixel_pipeline_dir, tmp_path_factory):
     after_kill = [sweep.status_of(r.run_dir) for r in tuning]
     planned_after_kill = leaderboard.plan(p)
     first = os.stat(os.path.join(tuning[0].run_dir, "metrics.parquet")).st_mtime_ns
-    resumed = _capture(argv)
+    resumed = capture(argv)
     return dict(p=p, tuning=tuning, killed=killed, after_kill=after_kill, planned_after_kill=planned_after_kill,
                 first=first, resumed=resumed, root=root, path=str(path))
 
@@ -136,7 +128,7 @@ def test_every_run_is_evaluated_at_the_budgets_and_the_pages_show_curves_first(b
     assert cur["points"][-1]["gain"] == pytest.approx(g.mean())
     assert cur["points"][-1]["gain_se"] == pytest.approx(g.std(ddof=1) / math.sqrt(len(g)))
     assert "ddpo" in b["budgets"]["overopt"]["tiny-aesthetic"]
-    code, out = _capture(["leaderboard", "--protocol", board["path"], "--tables-only"])
+    code, out = capture(["leaderboard", "--protocol", board["path"], "--tables-only"])
     assert code == 0, out
     md = open(os.path.join(board["root"], "leaderboard.md")).read()
     order = [md.index(h) for h in ("## Budget curves", "## Proxy against gold", "## Eval reward at each budget",

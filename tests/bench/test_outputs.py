@@ -1,8 +1,6 @@
 """Comparison outputs: a sweep killed mid-way resumes without rerunning finished runs; curves, the
 side-by-side grid, paper tables (LaTeX escaping) and the HTML report in a real headless browser."""
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -13,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from cli_capture import capture
 from conftest import ROOT
 from PIL import Image
 
@@ -55,17 +54,10 @@ def swept(small_pixel_pipeline_dir, tmp_path_factory):
     dirs = {(r["method"], r["seed"]): os.path.join(root, r["dir"]) for r in index}
     after_kill = {k: sweep.status_of(d) for k, d in dirs.items()}
     first_mtimes = _mtimes(dirs[("alignprop", 0)])
-    resumed = _capture(argv)
-    again = _capture(argv)
+    resumed = capture(argv)
+    again = capture(argv)
     return dict(root=root, dirs=dirs, killed=killed, after_kill=after_kill, first_mtimes=first_mtimes,
                 resumed=resumed, again=again, argv=argv, prompts=str(prompts))
-
-
-def _capture(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = cli.main(argv)
-    return code, buf.getvalue()
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_runs(swept):
@@ -116,7 +108,7 @@ def test_sweep_file_gives_the_same_runs(swept, tmp_path):
     args = swept["argv"][swept["argv"].index("--set") + 1:]
     spec.write_text(json.dumps({"methods": ["alignprop", "ddpo"], "seeds": [0, 1], "reward": "saturation",
                                 "set": args, "root": swept["root"]}))
-    code, out = _capture(["sweep", "--file", str(spec)])
+    code, out = capture(["sweep", "--file", str(spec)])
     assert code == 0 and out.count("complete, skipped") == 4
 
 

@@ -1,8 +1,6 @@
 """bench sweep --executor ray against a local Ray instance: the same run folders (config hashes, metrics) as the local
 executor, and a Ray sweep whose driver is killed mid-way finishes the rest when rerun, without rerunning a finished
 run.  Skipped only where the ray extra is not installed (make test installs it)."""
-import contextlib
-import io
 import json
 import os
 import signal
@@ -12,9 +10,9 @@ import time
 
 import pandas as pd
 import pytest
+from cli_capture import capture
 from conftest import ROOT, VOLATILE, metrics_of
 
-from bench import cli
 from bench.drivers import sweep
 from diffalign.store import RunFolder
 
@@ -28,13 +26,6 @@ def _args(pipe_dir, prompts):
             "reward=saturation", "alignprop.batch_size=2", "alignprop.lr=0.05"]
 
 
-def _sweep(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = cli.main(argv)
-    return code, buf.getvalue()
-
-
 def _folders(root):
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
@@ -44,8 +35,8 @@ def test_ray_sweep_gives_the_local_executors_run_folders(small_pixel_pipeline_di
     prompts.write_text("a red circle\ntwo blue squares\n")
     base = ["sweep", "--methods", "alignprop", "--seeds", "0", "1", "--set", *_args(small_pixel_pipeline_dir, prompts)]
     local, ray_root = str(tmp_path / "local"), str(tmp_path / "ray")
-    assert _sweep(base + ["--root", local])[0] == 0
-    code, out = _sweep(base + ["--root", ray_root, "--executor", "ray", "--cpus-per-run", "1"])
+    assert capture(base + ["--root", local])[0] == 0
+    code, out = capture(base + ["--root", ray_root, "--executor", "ray", "--cpus-per-run", "1"])
     assert code == 0 and "sweep: 2/2 runs complete" in out, out
     assert _folders(local) == _folders(ray_root) and len(_folders(local)) == 2  # same names = same config hashes
     for d in _folders(local):
@@ -79,7 +70,7 @@ def test_killed_ray_sweep_driver_reruns_only_what_is_left(small_pixel_pipeline_d
     assert [s for s, v in status.items() if v == "complete"] == at_kill, status  # nothing finished after the kill
     done_before = [p for p in planned if status[p.seed] == "complete"]
     mtimes = {p.seed: os.stat(os.path.join(p.run_dir, "metrics.parquet")).st_mtime_ns for p in done_before}
-    code, out = _sweep(argv)
+    code, out = capture(argv)
     assert code == 0 and "sweep: 3/3 runs complete" in out, out
     assert out.count("complete, skipped") == len(done_before), (status, out)
     assert out.count("interrupted, resuming") == list(status.values()).count("interrupted"), (status, out)

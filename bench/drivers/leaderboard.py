@@ -69,6 +69,7 @@ from bench.drivers import sweep
 from bench.outputs import budgets, leaderboard_page
 from bench.outputs.budgets import paired_se
 from bench.outputs.compare import RunData
+from bench.outputs.leaderboard_page import fmt
 from diffalign import store
 from diffalign.errors import BenchError
 from methods import method_module
@@ -642,12 +643,6 @@ def budget_board(p: Protocol, complete: dict, refused: dict) -> dict:
 
 # ---- the tables and the figure --------------------------------------------------------------------------------
 
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
-
-
 def markdown(p: Protocol, board: dict, log: dict) -> str:
     sessions = log.get("sessions", [])
     lines = [f"# Leaderboard {p.name} (protocol version {p.version}, hash {p.digest})", "",
@@ -683,9 +678,9 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
         fd_cols = sorted(k for k in any_row if k.startswith(FD_COL) and not k.endswith("_base"))
         held = [m for m in ("tiny-rating", "tiny-clip")
                 if any(not math.isnan(e.get(m, math.nan)) for e in rows.values() if e.get("seeds"))]
-        lines += [f"## {reward}", "", f"Base model: eval reward {_f(base, 4)}, fidelity "
-                  f"{_f(any_row.get('fidelity', math.nan) - any_row.get('fidelity_change', math.nan))}"
-                  + "".join(f", FD at NFE {c[len(FD_COL):]} {_f(any_row.get(c + '_base'))}" for c in fd_cols) + ".",
+        lines += [f"## {reward}", "", f"Base model: eval reward {fmt(base, 4)}, fidelity "
+                  f"{fmt(any_row.get('fidelity', math.nan) - any_row.get('fidelity_change', math.nan))}"
+                  + "".join(f", FD at NFE {c[len(FD_COL):]} {fmt(any_row.get(c + '_base'))}" for c in fd_cols) + ".",
                   ""]
         head = (["rank", "method", "seeds", "final (+- SE)", "gain (SE)", "fidelity (change in SE)"]
                 + [f"{m} (change in SE)" for m in held]
@@ -703,12 +698,12 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
             gain = f"**{gain}**" if e["beats_base"] else gain + (" (no gain)" if e["gain_in_se"] <= 0 else "")
             name = m + (" (reward-free)" if _reward_free(p, m) else "")
             cells = [str(e["rank"]), name, f"{e['seeds']}/{e['planned']}",
-                     f"{_f(e['final'], 4)} +- {_f(e['final_se'], 2)}", gain,
-                     f"{_f(e['fidelity'])} ({e['fidelity_change_in_se']:+.1f})"]
-            cells += [f"{_f(e[mm])} ({e[mm + '_change_in_se']:+.1f})" for mm in held]
-            cells += [_f(e[c]) for c in fd_cols]
-            to = (f"{_f(e['images_to_threshold'])}, {e['reached']}/{e['seeds']}" if e["reached"] else "not reached")
-            cells += [_f(e["kl_to_base"]), _f(e["images"]), _f(e["unet_passes"]), _f(e["wall_time_s"]), to,
+                     f"{fmt(e['final'], 4)} +- {fmt(e['final_se'], 2)}", gain,
+                     f"{fmt(e['fidelity'])} ({e['fidelity_change_in_se']:+.1f})"]
+            cells += [f"{fmt(e[mm])} ({e[mm + '_change_in_se']:+.1f})" for mm in held]
+            cells += [fmt(e[c]) for c in fd_cols]
+            to = (f"{fmt(e['images_to_threshold'])}, {e['reached']}/{e['seeds']}" if e["reached"] else "not reached")
+            cells += [fmt(e["kl_to_base"]), fmt(e["images"]), fmt(e["unet_passes"]), fmt(e["wall_time_s"]), to,
                       e["hacking"] or ""]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -719,10 +714,10 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
               "| hacking flags | refused on | mean images / run | mean wall (s) / run | settings from |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, o in sorted(board["overall"].items(), key=lambda kv: (math.isnan(kv[1]["mean_rank"]), kv[1]["mean_rank"])):
-        lines.append(f"| {m} | {_f(o['mean_rank'], 2)} | {o['rewards_run']} "
+        lines.append(f"| {m} | {fmt(o['mean_rank'], 2)} | {o['rewards_run']} "
                      f"| {', '.join(o['beats_base_on']) or 'none'} "
-                     f"| {', '.join(o['hacking_on']) or '-'} | {', '.join(o['refused_on']) or '-'} | {_f(o['images'])} "
-                     f"| {_f(o['wall_time_s'])} | {p.methods[m].get('tuned', '')} |")
+                     f"| {', '.join(o['hacking_on']) or '-'} | {', '.join(o['refused_on']) or '-'} "
+                     f"| {fmt(o['images'])} | {fmt(o['wall_time_s'])} | {p.methods[m].get('tuned', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from bench.outputs.leaderboard_page import _f
+from bench.outputs.leaderboard_page import fmt
 
 COST_AXES = (("images", "training images generated"), ("reward_queries", "reward queries"),
              ("unet_passes", "UNet passes (fwd + bwd, in images)"), ("wall_time", "wall time (s)"))
@@ -159,14 +159,18 @@ def overoptimisation(samples: list[pd.DataFrame], metrics: list[pd.DataFrame], p
 
 
 def save_figure(fig, stem: str, dpi: int = 110) -> list[str]:
-    """Write `fig` as stem.png and stem.svg, each under a temporary name first, then renamed into place."""
+    """Write `fig` as stem.png and stem.svg, each under a temporary name first, then renamed into place.  The SVG
+    carries no date and fixed element ids, so the same numbers give the same bytes (no churn in committed pages)."""
     import os
+
+    import matplotlib
 
     paths = []
     for ext in ("png", "svg"):
         path = f"{stem}.{ext}"
         tmp = f"{path}.tmp-{os.getpid()}.{ext}"
-        fig.savefig(tmp, dpi=dpi)
+        with matplotlib.rc_context({"svg.hashsalt": "diffalign"}):
+            fig.savefig(tmp, dpi=dpi, metadata={"Date": None} if ext == "svg" else None)
         os.replace(tmp, path)
         paths.append(path)
     return paths
@@ -284,7 +288,7 @@ def markdown_sections(p, board: dict) -> list[str]:
                         if o["drop"][1] and not math.isnan(o["drop"][1]) else "-")
                 rise = f"{o['rise'][0]:+.3g}" if not math.isnan(o["rise"][0]) else "-"
                 lines.append(f"| {reward} | {m} | {peak} | {drop} | {rise} | {pc['gain_in_se']:+.1f} | "
-                             f"{_f(gz)} | {_f(last['kl'])} | {'FLAGGED' if o['flag'] else '-'} |")
+                             f"{fmt(gz)} | {fmt(last['kl'])} | {'FLAGGED' if o['flag'] else '-'} |")
         lines.append("")
     lines += ["## Eval reward at each budget", "",
               "Each cell: the eval reward (mean over seeds) and, in brackets, its paired gain over the base model in "
@@ -294,7 +298,7 @@ def markdown_sections(p, board: dict) -> list[str]:
     for reward in p.rewards:
         cur = b["curves"].get(reward, {})
         base = next((c["points"][0]["value"] for c in cur.values()), math.nan)
-        lines += [f"### {reward}", "", f"Base model: {_f(base, 4)}.", "",
+        lines += [f"### {reward}", "", f"Base model: {fmt(base, 4)}.", "",
                   f"| area rank | method | seeds | {head} | beyond {p.sigma:g} SE at | area | images | reward queries "
                   "| UNet passes | wall (s) |",
                   "|---|---|---|" + "---|" * len(p.budgets) + "---|---|---|---|---|---|"]
@@ -304,15 +308,15 @@ def markdown_sections(p, board: dict) -> list[str]:
             cells, beyond = [], []
             for b_, q in zip(p.budgets, c["points"][1:len(p.budgets) + 1]):
                 z = q["gain_in_se"]
-                cells.append(f"{_f(q['value'], 4)} ({'-' if math.isnan(z) else f'{z:+.1f}'})")
+                cells.append(f"{fmt(q['value'], 4)} ({'-' if math.isnan(z) else f'{z:+.1f}'})")
                 if z > p.sigma:
                     beyond.append(str(b_))
             cells += ["-"] * (len(p.budgets) - len(cells))
             end = c["points"][-1]
             lines.append(f"| {c.get('area_rank', '-')} | {m} | {e['seeds']}/{e['planned']} | " + " | ".join(cells)
-                         + f" | {', '.join(beyond) or 'none'} | {_f(c['area'])} | {_f(end['images'])} | "
-                         f"{_f(end['reward_queries'])} | "
-                         f"{_f(end['unet_passes'])} | {_f(end['wall_time'])} |")
+                         + f" | {', '.join(beyond) or 'none'} | {fmt(c['area'])} | {fmt(end['images'])} | "
+                         f"{fmt(end['reward_queries'])} | "
+                         f"{fmt(end['unet_passes'])} | {fmt(end['wall_time'])} |")
         for m in sorted(m for m in p.methods if m not in cur):
             e = board["table"][reward][m]
             why = (f"refused: {e['refused']}" if e.get("refused") else f"not run yet (0 of {e['planned']})"
@@ -337,7 +341,7 @@ def markdown_sections(p, board: dict) -> list[str]:
             cells = []
             for i in range(n):
                 if i < len(scores):
-                    cells.append("refused" if scores[i] is None else _f(scores[i], 4))
+                    cells.append("refused" if scores[i] is None else fmt(scores[i], 4))
                 else:
                     cells.append("-")
             chosen = "tuning not finished" if ch is None else (
@@ -350,7 +354,7 @@ def markdown_sections(p, board: dict) -> list[str]:
                   "settings were run on.", "",
                   f"| method | gain on {t['reward']} (SE) | other rewards beaten (> {p.sigma:g} SE) |", "|---|---|---|"]
         for m, tr in b["transfer"].items():
-            lines.append(f"| {m} | {_f(tr['gain_in_se_on_tuning_reward'], 2)} | "
+            lines.append(f"| {m} | {fmt(tr['gain_in_se_on_tuning_reward'], 2)} | "
                          f"{len(tr['others_beaten'])} of {len(tr['others_run'])}"
                          + (f": {', '.join(tr['others_beaten'])}" if tr["others_beaten"] else "") + " |")
         lines.append("")

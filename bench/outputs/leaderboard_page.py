@@ -28,7 +28,8 @@ tr.unranked td { color: #555; }
 FD_COL = "fd_nfe"
 
 
-def _f(x, digits: int = 3) -> str:
+def fmt(x, digits: int = 3) -> str:
+    """A number for a table: 3 significant digits (no exponent at 1000 and above), '-' for missing or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
@@ -64,8 +65,8 @@ def _reward_table(p, reward: str, rows: dict[str, dict]) -> list[str]:
             if any(not _nan(e.get(m, math.nan)) for e in rows.values() if e.get("seeds"))]
     fid_base = any_row.get("fidelity", math.nan) - any_row.get("fidelity_change", math.nan)
     out = [f"<h2>{html.escape(reward)}</h2>",
-           f"<p>Base model: eval reward {_f(any_row.get('base', math.nan), 4)}, fidelity {_f(fid_base)}"
-           + "".join(f", FD at NFE {c[len(FD_COL):]} {_f(any_row.get(c + '_base'))}" for c in fd_cols) + ".</p>"]
+           f"<p>Base model: eval reward {fmt(any_row.get('base', math.nan), 4)}, fidelity {fmt(fid_base)}"
+           + "".join(f", FD at NFE {c[len(FD_COL):]} {fmt(any_row.get(c + '_base'))}" for c in fd_cols) + ".</p>"]
     head = (["rank", "method", "seeds", "gain (SE)", "final (± SE)", "fidelity (change in SE)"]
             + [f"{m} (change in SE)" for m in held] + [f"FD NFE {c[len(FD_COL):]}" for c in fd_cols]
             + ["KL to base", "images", "UNet passes", "wall (s)", "to threshold (images, seeds)", "hacking"])
@@ -78,13 +79,13 @@ def _reward_table(p, reward: str, rows: dict[str, dict]) -> list[str]:
         name = m + (" (reward-free)" if p.methods.get(m, {}).get("reward_free") else "")
         gain = f"{e['gain_in_se']:+.1f}" + ("" if e["beats_base"] or e["gain_in_se"] > 0 else " (no gain)")
         cells = [_td(str(rank)), _td(name, "text"), _td(f"{e['seeds']}/{e['planned']}"),
-                 _td(gain, bold=bool(e["beats_base"])), _td(f"{_f(e['final'], 4)} ± {_f(e['final_se'], 2)}"),
-                 _td(f"{_f(e['fidelity'])} ({e['fidelity_change_in_se']:+.1f})")]
-        cells += [_td(f"{_f(e[mm])} ({e[mm + '_change_in_se']:+.1f})") for mm in held]
-        cells += [_td(_f(e[c])) for c in fd_cols]
-        to = f"{_f(e['images_to_threshold'])}, {e['reached']}/{e['seeds']}" if e["reached"] else "not reached"
-        cells += [_td(_f(e["kl_to_base"])), _td(_f(e["images"])), _td(_f(e["unet_passes"])),
-                  _td(_f(e["wall_time_s"])), _td(to), _td(e["hacking"] or "", "text")]
+                 _td(gain, bold=bool(e["beats_base"])), _td(f"{fmt(e['final'], 4)} ± {fmt(e['final_se'], 2)}"),
+                 _td(f"{fmt(e['fidelity'])} ({e['fidelity_change_in_se']:+.1f})")]
+        cells += [_td(f"{fmt(e[mm])} ({e[mm + '_change_in_se']:+.1f})") for mm in held]
+        cells += [_td(fmt(e[c])) for c in fd_cols]
+        to = f"{fmt(e['images_to_threshold'])}, {e['reached']}/{e['seeds']}" if e["reached"] else "not reached"
+        cells += [_td(fmt(e["kl_to_base"])), _td(fmt(e["images"])), _td(fmt(e["unet_passes"])),
+                  _td(fmt(e["wall_time_s"])), _td(to), _td(e["hacking"] or "", "text")]
         body.append("<tr>" + "".join(cells) + "</tr>")
     for m in sorted(m for m in rows if m not in order):  # refused or not run: a row of its own, the reason wrapped
         e = rows[m]
@@ -112,11 +113,11 @@ def _overall(p, board: dict) -> list[str]:
     body = []
     for m in sorted(p.methods, key=lambda m: (math.isnan(mean[m]), mean[m], m)):
         o = board["overall"][m]
-        body.append("<tr>" + _td(m, "text") + _td(_f(mean[m], 2)) + _td(str(o["rewards_run"]))
+        body.append("<tr>" + _td(m, "text") + _td(fmt(mean[m], 2)) + _td(str(o["rewards_run"]))
                     + _td(", ".join(o["beats_base_on"]) or "none", "text")
                     + _td(", ".join(o["hacking_on"]) or "-", "text")
-                    + _td(", ".join(o["refused_on"]) or "-", "text") + _td(_f(o["images"]))
-                    + _td(_f(o["wall_time_s"])) + _td(p.methods[m].get("tuned", ""), "text") + "</tr>")
+                    + _td(", ".join(o["refused_on"]) or "-", "text") + _td(fmt(o["images"]))
+                    + _td(fmt(o["wall_time_s"])) + _td(p.methods[m].get("tuned", ""), "text") + "</tr>")
     return ["<h2>Overall</h2>",
             "<div class=wide><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
             + "".join(body) + "</table></div>"]

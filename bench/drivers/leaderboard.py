@@ -387,6 +387,26 @@ def _final(r: RunData, col: str) -> float:
     return float(v.iloc[-1]) if len(v) else math.nan
 
 
+def _busy_wall_s(run_dirs: list[str]) -> float:
+    """Wall time during which at least one of these (complete) runs was computing: the length of the union of the
+    intervals [end - wall, end], a run's end time (its manifest) and its wall time (its last metrics row, which adds
+    up the sessions of a resumed run).  Drivers running side by side overlap, so this is less than the sum of the run
+    wall times; work lost by a killed run since its last checkpoint, and the gaps between runs, are not in it."""
+    spans = []
+    for d in run_dirs:
+        r = RunData.read(d)
+        end, wall = r.manifest.get("end_time"), _final(r, "wall_time")
+        if end and not math.isnan(wall):
+            t = datetime.datetime.fromisoformat(end).timestamp()
+            spans.append((t - wall, t))
+    total, reach = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
 def _first(r: RunData, col: str) -> float:
     v = r.df[col].dropna() if col in r.df else pd.Series(dtype=float)
     return float(v.iloc[0]) if len(v) else math.nan
@@ -575,13 +595,15 @@ def build(p: Protocol) -> dict:
             "images": float(np.mean([c["images"] for c in cells])) if cells else math.nan,
         }
     done = sum(sweep.status_of(r.run_dir) == "complete" for r in runs)
+    finished = [r.run_dir for r in runs if sweep.status_of(r.run_dir) == "complete"]
     board = {"table": table, "overall": overall, "runs_complete": done, "runs_planned": len(runs),
-             "compute_s": float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in runs
-                                    if sweep.status_of(r.run_dir) == "complete"))}
+             "compute_s": float(sum(_final(RunData.read(d), "wall_time") for d in finished))}
     if p.tuning:
-        tuned = [r for r in plan_tuning(p) if sweep.status_of(r.run_dir) == "complete"]
+        tuned = [r.run_dir for r in plan_tuning(p) if sweep.status_of(r.run_dir) == "complete"]
         board["tuning_runs_complete"], board["tuning_runs_planned"] = len(tuned), len(plan_tuning(p))
-        board["tuning_compute_s"] = float(sum(_final(RunData.read(r.run_dir), "wall_time") for r in tuned))
+        board["tuning_compute_s"] = float(sum(_final(RunData.read(d), "wall_time") for d in tuned))
+        finished += tuned
+    board["busy_wall_s"] = _busy_wall_s(finished)
     if p.budgets:
         board["budgets"] = budget_board(p, complete, refused)
         board["runs_planned"] = len(p.seeds) * sum(1 if spec.get("reward_free") else len(p.rewards)
@@ -660,6 +682,8 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                   f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h"
                   + (f", tuning {board['tuning_runs_complete']} of {board['tuning_runs_planned']} runs complete, "
                      f"{board['tuning_compute_s'] / 3600:.2f} h" if "tuning_compute_s" in board else "")
+                  + f"; wall time with a run computing (the union of the complete runs' spans, tuning included: "
+                  f"drivers side by side overlap) {board['busy_wall_s'] / 3600:.2f} h"
                   + "; machine(s): "
                   f"{'; '.join(machines)}.", ""]
     if p.budgets:

@@ -3,10 +3,12 @@ and rerun, finishes the rest (its tuning included) without rerunning what was do
 configuration from the runs' own numbers and freezes it; every run is evaluated at the budgets; the pages put the
 curves first.  The over-optimisation flag, the area and the extrapolated crossing against hand computations on planted
 curves; the committed protocols cover every registered method with equal searches."""
+import datetime
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -193,6 +195,22 @@ def test_area_and_extrapolated_crossing_by_hand():
     assert budgets.crossing(pts, 3) == pytest.approx(256)
     falling = [dict(q, gain_in_se=-q["gain_in_se"]) for q in pts]
     assert budgets.crossing(falling, 3) is None
+
+
+def test_busy_wall_time_is_the_union_of_the_runs_spans(monkeypatch):
+    # two drivers side by side: runs a [0, 100] and b [50, 150] overlap, c [200, 230] after a gap; a run with no end
+    # time (never completed) adds nothing.  Union: 150 + 30 = 180 s (the sum of the run wall times would be 230).
+    spans = {"a": (100, 100.0), "b": (150, 100.0), "c": (230, 30.0), "d": (None, 40.0)}
+    t0 = 1_800_000_000
+
+    def read(d):
+        end, wall = spans[d]
+        iso = None if end is None else datetime.datetime.fromtimestamp(t0 + end, datetime.timezone.utc).isoformat()
+        return SimpleNamespace(manifest={"end_time": iso}, df=pd.DataFrame({"wall_time": [1.0, wall]}))
+
+    monkeypatch.setattr(leaderboard.RunData, "read", staticmethod(read))
+    assert leaderboard._busy_wall_s(list(spans)) == pytest.approx(180.0)
+    assert leaderboard._busy_wall_s(["c", "a"]) == pytest.approx(130.0)
 
 
 def test_committed_v2_protocols_cover_every_method_with_equal_searches():

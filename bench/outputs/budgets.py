@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bench.outputs.leaderboard_page import fmt
+from diffalign import store
 
 COST_AXES = (("images", "training images generated"), ("reward_queries", "reward queries"),
              ("unet_passes", "UNet passes (fwd + bwd, in images)"), ("wall_time", "wall time (s)"))
@@ -159,21 +160,14 @@ def overoptimisation(samples: list[pd.DataFrame], metrics: list[pd.DataFrame], p
 
 
 def save_figure(fig, stem: str, dpi: int = 110) -> list[str]:
-    """Write `fig` as stem.png and stem.svg, each under a temporary name first, then renamed into place.  The SVG
-    carries no date and fixed element ids, so the same numbers give the same bytes (no churn in committed pages)."""
-    import os
-
+    """Write `fig` as stem.png and stem.svg (each atomically, ``store.save_figure``).  The SVG carries no date and
+    fixed element ids, so the same numbers give the same bytes (no churn in committed pages)."""
     import matplotlib
 
-    paths = []
-    for ext in ("png", "svg"):
-        path = f"{stem}.{ext}"
-        tmp = f"{path}.tmp-{os.getpid()}.{ext}"
-        with matplotlib.rc_context({"svg.hashsalt": "diffalign"}):
-            fig.savefig(tmp, dpi=dpi, metadata={"Date": None} if ext == "svg" else None)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    with matplotlib.rc_context({"svg.hashsalt": "diffalign"}):
+        store.save_figure(fig, f"{stem}.png", dpi=dpi)
+        store.save_figure(fig, f"{stem}.svg", dpi=dpi, metadata={"Date": None})
+    return [f"{stem}.png", f"{stem}.svg"]
 
 
 def curves_figure(title: str, rewards: list[str], curves: dict, stem: str) -> list[str]:

@@ -682,8 +682,9 @@ def markdown(p: Protocol, board: dict, log: dict) -> str:
                   f"run compute (sum of run wall times) {board['compute_s'] / 3600:.2f} h"
                   + (f", tuning {board['tuning_runs_complete']} of {board['tuning_runs_planned']} runs complete, "
                      f"{board['tuning_compute_s'] / 3600:.2f} h" if "tuning_compute_s" in board else "")
-                  + f"; wall time with a run computing (the union of the complete runs' spans, tuning included: "
-                  f"drivers side by side overlap) {board['busy_wall_s'] / 3600:.2f} h"
+                  + f"; wall time with a run computing (the union of the complete runs' spans"
+                  f"{', tuning included' if p.tuning else ''}; drivers side by side overlap) "
+                  f"{board['busy_wall_s'] / 3600:.2f} h"
                   + "; machine(s): "
                   f"{'; '.join(machines)}.", ""]
     if p.budgets:

@@ -6,6 +6,8 @@ A reward is any object with
     differentiable: bool          # True if gradients flow from the score back to the images
     __call__(images, prompts) -> torch.Tensor of shape (B,)
     to(device) -> self            # optional: move the scorer's weights (called once by the harness)
+    gold: str                     # optional: "fidelity" when the held-out judge's prompt fidelity is the metric
+                                  # this reward is a proxy for (its run curve then draws the two together)
 
 ``images`` is a float tensor (B, 3, H, W) in [0, 1] on the run's device; ``prompts`` a list of B
 strings.  Methods that backpropagate the reward (AlignProp, RLR) refuse a non-differentiable one.

@@ -164,6 +164,7 @@ class TinyGenEval:
 
     name = "tiny-geneval"
     differentiable = True
+    gold = "fidelity"  # the held-out judge's prompt fidelity: what this rule, read by the second judge, stands for
 
     def __init__(self, path: str | None = None):
         self.model = load_geneval_judge(path)

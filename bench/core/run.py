@@ -211,7 +211,7 @@ class Run:
         self.folder.write_metrics(df)
         if self.eval_samples:
             self.folder.write_eval_samples(pd.DataFrame(self.eval_samples))
-        proxy = self.cfg.reward if str(self.cfg.reward).startswith("tiny-geneval") else None  # gold: the judge
+        proxy = self.cfg.reward if getattr(self.ctx.reward, "gold", None) == "fidelity" else None  # the reward says
         plot_run(df, self.folder.curve_path, title=f"{self.cfg.method} on {self.cfg.reward}{self.model_label}",
                  proxy=proxy)
 

@@ -182,3 +182,12 @@ def test_agreement_tool_on_a_small_pipeline(small_pixel_pipeline_dir, tmp_path):
     # the rule holds only where every partial does
     assert out["tiny_geneval_rule"]["mean"] <= min(v["mean"] for v in out["tiny_geneval"].values())
     assert len(out["disagreements"]) <= 48 and (tmp_path / "g.png").exists() == bool(out["disagreements"])
+
+
+def test_only_the_geneval_rules_declare_the_judges_fidelity_as_their_gold():
+    # the run curve draws a reward beside the held-out judge's fidelity when the reward says that is its gold
+    import rewards
+
+    golds = {name: getattr(rewards._import_attr(target), "gold", None) for name, target in rewards.REGISTRY.items()}
+    assert {n for n, g in golds.items() if g is not None} == {"tiny-geneval", "tiny-geneval-soft"}
+    assert golds["tiny-geneval"] == "fidelity" and TinyGenEval.gold == "fidelity"

@@ -762,13 +762,13 @@ def summary(p: Protocol, board: dict) -> str:
                     f"model (`{os.path.join(p.root, 'leaderboard.md')}` has every budget, the tuning and the "
                     "over-optimisation curves):")
     for m in p.methods:
-        wins, fails, refused = [], [], []
+        wins, fails, refused, pending = [], [], [], []
         for reward in p.rewards:
             e = board["table"][reward][m]
             if e.get("refused"):
                 refused.append(f"{reward} ({e['refused'].split(';')[0]})")
             elif not e.get("seeds"):
-                fails.append(f"{reward}: not run yet")
+                pending.append(reward)
             elif e["beats_base"]:
                 cost = f"fidelity {e['fidelity_change_in_se']:+.1f}"
                 if "tiny-rating_change_in_se" in e:
@@ -777,7 +777,7 @@ def summary(p: Protocol, board: dict) -> str:
                             + (f"; **hacking flag: {e['hacking']}**" if e["hacking"] else "") + ")")
             else:
                 fails.append(f"{reward} ({e['gain_in_se']:+.1f}): {e.get('diagnosis', '')}")
-        if not wins and not refused and all(f.endswith(": not run yet") for f in fails):
+        if not wins and not refused and not fails:
             done = ""
             if p.tuning:
                 runs = [r for r in plan_tuning(p) if r.method == m]
@@ -794,6 +794,8 @@ def summary(p: Protocol, board: dict) -> str:
             text += " No 3-SE gain on " + "; ".join(fails) + "."
         if refused:
             text += " Refused on " + "; ".join(refused) + "."
+        if pending:
+            text += " Not run yet on " + ", ".join(pending) + "."
         lines.append(text)
     return "\n".join(lines) + "\n"
 

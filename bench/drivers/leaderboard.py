@@ -387,6 +387,11 @@ def _final(r: RunData, col: str) -> float:
     return float(v.iloc[-1]) if len(v) else math.nan
 
 
+# How far a crossing is extrapolated before the line says only "not within this many times the largest budget": a
+# line through four points 8x apart says little about 1000x beyond them.
+CROSSING_HORIZON = 64
+
+
 def _busy_wall_s(run_dirs: list[str]) -> float:
     """Wall time during which at least one of these (complete) runs was computing: the length of the union of the
     intervals [end - wall, end], a run's end time (its manifest) and its wall time (its last metrics row, which adds
@@ -612,11 +617,14 @@ def build(p: Protocol) -> dict:
             for method, e in table[reward].items():
                 cur = board["budgets"]["curves"].get(reward, {}).get(method)
                 if e.get("seeds") and not e.get("beats_base") and cur and not _reward_free(p, method):
-                    x = cur["crossing"]
+                    x, far = cur["crossing"], CROSSING_HORIZON * p.budgets[-1]
                     e["diagnosis"] = "; ".join(t for t in (e.get("diagnosis"), (
+                        "its curve does not rise with the budget (no crossing to extrapolate)" if not x else
                         f"extrapolated, not measured: its curve would cross {p.sigma:g} SE at about {x:.3g} training "
-                        "images (a line in log2 images through its points)" if x else
-                        "its curve does not rise with the budget (no crossing to extrapolate)")) if t)
+                        "images (a line in log2 images through its points)" if x <= far else
+                        f"extrapolated, not measured: its curve rises too slowly to cross {p.sigma:g} SE within "
+                        f"{CROSSING_HORIZON}x the largest budget ({far} training images; a line in log2 images through "
+                        "its points)")) if t)
     return board
 
 

@@ -170,14 +170,22 @@ def save_figure(fig, stem: str, dpi: int = 110) -> list[str]:
     return [f"{stem}.png", f"{stem}.svg"]
 
 
+def _method_styles(plt, methods: list[str]) -> dict[str, dict]:
+    """A line style per method, told apart in print: ten colours, then the same colours dashed with square marks."""
+    return {m: {"color": plt.get_cmap("tab10")(i % 10), "ls": "-" if i < 10 else "--", "marker": "os^D"[i // 10 % 4]}
+            for i, m in enumerate(methods)}
+
+
 def curves_figure(title: str, rewards: list[str], curves: dict, stem: str) -> list[str]:
     """The budget curves: a row per reward, a column per cost axis (training images, reward queries, UNet passes,
     wall time, log scale), the eval reward of every method at each budget (mean over seeds), the base model dashed."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     from bench.outputs.plots import pyplot
 
     plt = pyplot()
     methods = sorted({m for rw in rewards for m in curves.get(rw, {})})
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    style = _method_styles(plt, methods)
     fig, axes = plt.subplots(len(rewards), len(COST_AXES), figsize=(4.0 * len(COST_AXES), 3.0 * len(rewards) + 1.2),
                              squeeze=False)
     for row, reward in zip(axes, rewards):
@@ -189,11 +197,14 @@ def curves_figure(title: str, rewards: list[str], curves: dict, stem: str) -> li
                     continue
                 pts = [q for q in c["points"][1:] if q[col] and q[col] > 0 and not math.isnan(q[col])]
                 if pts:
-                    ax.plot([q[col] for q in pts], [q["value"] for q in pts], marker="o", ms=3, lw=1.2,
-                            color=colours[m], label=m)
+                    ax.plot([q[col] for q in pts], [q["value"] for q in pts], ms=3, lw=1.2, label=m, **style[m])
             if base is not None:
-                ax.axhline(base, color="k", ls="--", lw=0.8, label="base model")
-            ax.set_xscale("log")
+                ax.axhline(base, color="k", ls=":", lw=1.0, label="base model")
+            ax.set_xscale("log", base=2 if col in ("images", "reward_queries") else 10)  # budgets double
+            if col not in ("images", "reward_queries"):
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(label, fontsize=8)
             ax.tick_params(labelsize=7)
         row[0].set_ylabel(f"eval {reward}", fontsize=8)

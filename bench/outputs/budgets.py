@@ -226,6 +226,8 @@ def overopt_figure(title: str, overopt: dict, gold: dict, stem: str) -> list[str
     """Proxy and gold against the KL to the base model (Gao et al.'s axes), a panel per method and gold reward: each
     as its gain over the base model in units of the base images' standard deviation, one point per evaluation (the
     base model at KL 0); a flagged method's panel title says so, in red."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     from bench.outputs.plots import pyplot
 
     plt = pyplot()
@@ -247,6 +249,8 @@ def overopt_figure(title: str, overopt: dict, gold: dict, stem: str) -> list[str
         ax.set_title(f"{m} on {reward}" + (" - FLAGGED" if o["flag"] else ""), fontsize=8,
                      color="tab:red" if o["flag"] else "k")
         ax.set_xlabel("KL to base", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
         ax.set_ylabel("gain (base SDs)", fontsize=7)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, frameon=False)

@@ -5,8 +5,11 @@ change no number.  Two recorded changes (issue 27), each re-recorded in the comm
 all eval prompts in one call moved the KL by 2.8e-6 relative (21233.16774 -> 21233.10729: the last step's small sigma
 magnifies the kernels' batch-size rounding); the UNet in channels-last memory (``RUN_MEMORY_FORMAT``, how a run loads
 it) moved the means, KL and FD by at most 1.7e-4 relative, the standard errors by 2.5e-4, one image's reward by at most
-4.9e-3 (of about 5), and no judge verdict.  The recording is exact on the machine kind that made it (its CPU capability
-is stored); elsewhere the kernels differ, so there the check is to 1e-5 relative."""
+4.9e-3 (of about 5), and no judge verdict.  The recording is exact on the machine kind that made it (its CPU capability and, where recorded,
+its CPU model); elsewhere the kernels differ, so there the check is to 1e-4 relative (one image's reward to 1e-3).
+The capability alone is not the machine kind: an AMD EPYC with AVX512 at 2 threads gave 5.418924 for the recorded
+mean 5.418936 (2.3e-6 relative), FD at NFE 2 3.0e-5 off, a standard deviation 1.4e-5, one image's reward 2.1e-4; so
+a reference without ``cpu_model`` gets the tolerances everywhere."""
 import json
 import os
 
@@ -22,6 +25,15 @@ from rewards import get_reward
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "eval_reference.json")
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 @pytest.mark.slow
 def test_the_evaluation_gives_the_recorded_numbers():
     ref = json.load(open(REFERENCE))
@@ -35,16 +47,18 @@ def test_the_evaluation_gives_the_recorded_numbers():
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     second = ev(pipe, 10, [s["reward"] for s in first.samples], final=True)
-    exact = torch.backends.cpu.get_cpu_capability() == ref["cpu_capability"] and torch.get_num_threads() == 2
+    exact = (torch.backends.cpu.get_cpu_capability() == ref["cpu_capability"] and torch.get_num_threads() == 2
+             and ref.get("cpu_model") == _cpu_model())
 
-    def same(a, b):
-        return a == b if exact else a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    def same(a, b, rel=1e-5):
+        return a == b if exact else a == pytest.approx(b, rel=rel, abs=1e-7)
 
     for got, want in ((first, ref["step0"]), (second, ref["step10"])):
         assert set(got.metrics) == set(want["metrics"])
-        for k, v in want["metrics"].items():
-            assert same(got.metrics[k], v), (k, got.metrics[k], v)
-        assert all(same(s["reward"], r) for s, r in zip(got.samples, want["rewards"]))
+        for k, v in want["metrics"].items():  # measured on an AMD EPYC: FD 3.0e-5, a standard deviation 1.4e-5
+            assert same(got.metrics[k], v, 1e-4), (k, got.metrics[k], v)
+        worst = max(abs(s["reward"] - r) / abs(r) for s, r in zip(got.samples, want["rewards"]))
+        assert all(same(s["reward"], r, 1e-3) for s, r in zip(got.samples, want["rewards"])), worst
     assert same(float(second.images.double().sum()), ref["step10"]["image_sum"])
 
 
@@ -75,16 +89,16 @@ def test_the_evaluation_split_over_processes_gives_the_whole_set(small_pixel_pip
     shares = [ev._share(r) for r in range(world)]
     assert [len(s) for s in shares] == [1, 2, 2] and [i for s in shares for i in s] == list(range(5))
     local = [ev.sample_prompts(pipe, noise, 2, s) for s in shares]
-    # the same bits where the kernels are batch-size invariant (measured: 2 threads on AVX512); elsewhere a share's
-    # smaller batches round differently (measured at 1 thread on AVX512: 3.2e-6 of a pixel here, at 2 sampler steps;
-    # up to 2.1e-3 on the tiny world at 4 DDIM steps, which magnify it)
-    exact = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.get_num_threads() == 2
+    # a share's smaller batches may round differently from the whole batch (measured at 1 thread on AVX512: 3.2e-6 of
+    # a pixel here, at 2 sampler steps; up to 2.1e-3 on the tiny world at 4 DDIM steps, which magnify it; at 2 threads
+    # the same bits on one AVX512 machine and 2.0e-6 on an AMD EPYC with AVX512), so the check is to 1e-4, far below
+    # what a share gathered in the wrong order would give
     padded = [torch.cat([x, x.new_zeros((6 - len(x), *x.shape[1:]))]) for x in local]
     for rank in range(world):
         ev.ctx = _Shard(world, rank, padded)
         got = ev._gather_prompt_rows(local[rank], 3)
         diff = float((got - whole).abs().max())  # in prompt-major order, padding dropped
-        assert torch.equal(got, whole) if exact else diff <= 1e-4, diff  # 1 thread: 3.2e-6 here
+        assert diff <= 1e-4, diff
     kl = [torch.arange(len(s) * 2, dtype=torch.float64) + 10 * s.start for s in shares]
     ev.ctx = _Shard(world, 2, [torch.cat([x, x.new_zeros(4 - len(x))]) for x in kl])
     assert torch.equal(ev._gather_prompt_rows(kl[2], 2), torch.cat(kl))

@@ -5,11 +5,13 @@ change no number.  Two recorded changes (issue 27), each re-recorded in the comm
 all eval prompts in one call moved the KL by 2.8e-6 relative (21233.16774 -> 21233.10729: the last step's small sigma
 magnifies the kernels' batch-size rounding); the UNet in channels-last memory (``RUN_MEMORY_FORMAT``, how a run loads
 it) moved the means, KL and FD by at most 1.7e-4 relative, the standard errors by 2.5e-4, one image's reward by at most
-4.9e-3 (of about 5), and no judge verdict.  The recording is exact on the machine kind that made it (its CPU capability and, where recorded,
-its CPU model); elsewhere the kernels differ, so there the check is to 1e-4 relative (one image's reward to 1e-3).
-The capability alone is not the machine kind: an AMD EPYC with AVX512 at 2 threads gave 5.418924 for the recorded
-mean 5.418936 (2.3e-6 relative), FD at NFE 2 3.0e-5 off, a standard deviation 1.4e-5, one image's reward 2.1e-4; so
-a reference without ``cpu_model`` gets the tolerances everywhere."""
+4.9e-3 (of about 5), and no judge verdict.
+
+The recording is exact on the machine kind that made it (its CPU capability and, where recorded, its CPU model);
+elsewhere the kernels differ, so there the check is to 1e-4 relative (one image's reward to 1e-3).  The capability
+alone is not the machine kind: an AMD EPYC with AVX512 at 2 threads gave 5.418924 for the recorded mean 5.418936
+(2.3e-6 relative), FD at NFE 2 3.0e-5 off, a standard deviation 1.4e-5, one image's reward 2.1e-4; so a reference
+without ``cpu_model`` gets the tolerances everywhere."""
 import json
 import os
 

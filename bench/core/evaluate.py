@@ -20,9 +20,10 @@ Under several processes (data parallel, ``shard_over``) each process samples a c
 gathered in prompt order, so every process scores the same whole set: an eval image depends on its prompt and seed
 and, through the kernels' batch-size rounding, on how many prompts share a sampler call (``EVAL_BATCH``).  Where the
 kernels are batch-size invariant the numbers are those of one process bit for bit (measured: 2 threads on one
-AVX512 machine, but not on an AMD EPYC with AVX512, 2.0e-6 of a pixel at 2 steps); elsewhere they agree to that rounding as DDIM magnifies it (measured at 1 thread on AVX512: up to 2.1e-3 of a pixel
-at 4 steps), and the KL to about 1e-5 relative (the last step's small sigma magnifies it).  One call per prompt
-would make them equal everywhere, at a price measured by ``python -m bench.tools.eval_time`` (docs/cost.md).
+AVX512 machine, but not on an AMD EPYC with AVX512: 2.0e-6 of a pixel at 2 steps); elsewhere they agree to that
+rounding as DDIM magnifies it (measured at 1 thread on AVX512: up to 2.1e-3 of a pixel at 4 steps), and the KL to
+about 1e-5 relative (the last step's small sigma magnifies it).  One call per prompt would make them equal
+everywhere, at a price measured by ``python -m bench.tools.eval_time`` (docs/cost.md).
 
 ``summary`` turns the first and the last evaluation into the before -> after figures of a run, with the gain in
 standard errors unpaired and paired (the same prompts and seeds before and after).  Eval samples are not counted
